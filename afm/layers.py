@@ -46,6 +46,7 @@ class AnalogLinear(nn.Linear):
         self.noise_generator: torch.Generator | None = None
         self.source_type = "linear"  # "conv1d" when converted from transformers' GPT-2 Conv1D
         self._backends: dict[str, Backend] = {}
+        self._abs_max_cache: tuple[tuple, Tensor] | None = None
 
     # -- construction --------------------------------------------------------------------
     @classmethod
@@ -85,6 +86,7 @@ class AnalogLinear(nn.Linear):
             requires_grad=config.input.uses_range,
         )
         layer.source_type = source
+        layer._abs_max_cache = None
         layer.train(linear.training)
         return layer
 
@@ -127,6 +129,7 @@ class AnalogLinear(nn.Linear):
         self.analog_config = config
         self.input_range.requires_grad_(config.input.uses_range)
         self._backends.clear()
+        self._abs_max_cache = None
 
     def backend_for(self, device: torch.device) -> Backend:
         backend = self._backends.get(device.type)
@@ -139,6 +142,28 @@ class AnalogLinear(nn.Linear):
         return int(torch.randint(0, _SEED_HIGH, (1,), generator=self.noise_generator).item())
 
     # -- forward -------------------------------------------------------------------------
+    def _eval_abs_max(self) -> Tensor | None:
+        """``weight_abs_max`` cached across eval forwards (the weight does not change).
+
+        The cache is keyed on the weight's storage and autograd version counter, which
+        every in-place update through the parameter bumps (optimizer steps, ``copy_``
+        under ``no_grad``, afm's clipping and noise).  Edits through ``weight.data``
+        bypass the counter: call ``invalidate_cache()`` after those.
+        """
+        cfg = self.analog_config
+        if self.training or cfg.output.bits is None or cfg.weight_quant.bits is not None:
+            return None
+        w = self.weight
+        key = (w.data_ptr(), w._version, w.dtype, w.device, cfg.max_input_size)
+        if self._abs_max_cache is not None and self._abs_max_cache[0] == key:
+            return self._abs_max_cache[1]
+        a = reference.weight_abs_max(w, self.tile_bounds)
+        self._abs_max_cache = (key, a)
+        return a
+
+    def invalidate_cache(self) -> None:
+        self._abs_max_cache = None
+
     def forward(self, x: Tensor) -> Tensor:
         cfg = self.analog_config
         noisy = (self.training or cfg.weight_noise.keep_at_eval) and (
@@ -154,13 +179,15 @@ class AnalogLinear(nn.Linear):
             training=self.training,
             seed=seed,
             backend=self.backend_for(x.device),
+            abs_max=self._eval_abs_max(),
         )
 
     @torch.no_grad()
     def clip_weights_(self) -> None:
         """Spec §3 clipping of the stored weight, in place."""
         clip = self.analog_config.clip
-        reference.clip_weight_(self.weight.data, clip.kind, clip.sigma)
+        # Through the parameter (not .data) so its version counter moves.
+        reference.clip_weight_(self.weight, clip.kind, clip.sigma)
 
     def extra_repr(self) -> str:
         cfg = self.analog_config

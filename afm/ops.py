@@ -63,6 +63,7 @@ def analog_linear(
     training: bool,
     seed: int | None,
     backend: Backend,
+    abs_max: Tensor | None = None,
 ) -> Tensor:
     """One call signature for both backends (the layer resolves ``backend`` once)."""
     _log_choice(backend, x.device.type)
@@ -70,8 +71,8 @@ def analog_linear(
         from afm.triton_kernels.analog_linear import triton_analog_linear
 
         return triton_analog_linear(
-            x, weight, bias, input_range, config, training=training, seed=seed
+            x, weight, bias, input_range, config, training=training, seed=seed, abs_max=abs_max
         )
     return reference.analog_linear(
-        x, weight, bias, input_range, config, training=training, seed=seed
+        x, weight, bias, input_range, config, training=training, seed=seed, abs_max=abs_max
     )

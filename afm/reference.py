@@ -186,6 +186,107 @@ def _make_generator(seed: int | None, device: torch.device) -> torch.Generator |
     return gen
 
 
+def _forward(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    input_range: Tensor,
+    config: AnalogConfig,
+    training: bool,
+    seed: int | None,
+    abs_max: Tensor | None,
+    *,
+    save: bool,
+):
+    """The forward of all tiles; with ``save`` also what the backward needs.
+
+    Elementwise work is kept to a few in-place passes: on CPU these passes, not the
+    matmul's overhead, decide how close the layer gets to ``nn.Linear``.
+    """
+    cfg_in, cfg_out = config.input, config.output
+    n_in, n_out = _steps(cfg_in.bits), _steps(cfg_out.bits)
+    bounds = tile_bounds(weight.shape[1], config.max_input_size)
+    single = len(bounds) == 1
+    dtype = x.dtype
+    x2 = x.reshape(-1, x.shape[-1])
+    tiny = torch.finfo(torch.float32).tiny
+
+    wn, on = config.weight_noise, config.output_noise
+    w_noise_on = wn.enabled and (training or wn.keep_at_eval)
+    o_noise_on = on.std > 0 and training
+    gen = _make_generator(seed, weight.device) if (w_noise_on or o_noise_on) else None
+    a = abs_max
+    if a is None and (n_out is not None or w_noise_on or o_noise_on):
+        a = weight_abs_max(weight, bounds)
+    w_eff = weight
+    if w_noise_on:
+        noise = weight_noise(weight, a, bounds, wn.kind, wn.std, gen)
+        w_eff = (
+            noise.add_(weight)
+            if weight.dtype == torch.float32
+            else (weight.float() + noise).to(weight.dtype)
+        )
+
+    r_all = input_range.detach().float()
+    out = None
+    saved, units, clips, out_masks = [], [], [], []
+    for s, (lo, hi) in enumerate(bounds):
+        xf = (x2 if single else x2[:, lo:hi]).float()
+        ws = w_eff if single else w_eff[:, lo:hi]
+        # ---- input path (§2) on an integer grid: x_q = unit · xq ----
+        clip = None
+        if cfg_in.dynamic:
+            r_s = xf.abs().amax(dim=1, keepdim=True).clamp_min(tiny)  # per token
+            unit = 2 * r_s / n_in
+            xq = torch.round(xf / unit)
+            r_per_unit = n_in / 2
+        elif cfg_in.uses_range:
+            r_s = r_all[s]
+            if save:
+                clip = (xf >= r_s, xf <= -r_s)
+            if n_in is not None:
+                unit = 2 * r_s / n_in
+                xq = torch.mul(xf, 1.0 / unit).clamp_(-n_in / 2, n_in / 2).round_()
+                r_per_unit = n_in / 2
+            else:
+                unit = torch.ones((), device=x.device)
+                xq = torch.maximum(torch.minimum(xf, r_s), -r_s)
+                r_per_unit = r_s
+        else:  # no ranges, no quantization (config validation guarantees it)
+            unit, xq, r_per_unit = torch.ones((), device=x.device), xf, None
+        xq = xq.to(dtype)
+        y = (xq @ ws.t()).float()  # in units of `unit`
+        # ---- output noise (§4.1): σ_o · r · a · ξ ----
+        if o_noise_on:
+            a_o = a[s] if on.per_channel else a[s].amax()
+            xi = torch.randn(y.shape, generator=gen, device=y.device, dtype=torch.float32)
+            y = y.addcmul_(xi, on.std * a_o * r_per_unit)
+        # ---- ADC (§4.2): Δ_out = 2B/n_out, B = bound · r · a ----
+        scale = unit
+        out_mask = None
+        if n_out is not None:
+            a_b = a[s] if config.clip.kind is ClipKind.GAUSSIAN_PER_CHANNEL else a[s].amax()
+            step = (2 * cfg_out.bound / n_out) * a_b.clamp_min(tiny) * r_per_unit
+            y = y.mul_(1.0 / step).round_()
+            if save:
+                out_mask = y.abs() > n_out / 2
+            y = y.clamp_(-n_out / 2, n_out / 2)
+            scale = step * unit
+        if out is None and bias is not None:
+            out = torch.addcmul(bias.float(), y, scale)
+        elif out is None:
+            out = y.mul_(scale)
+        else:
+            out = out.addcmul_(y, scale)
+        if save:
+            saved.append(xq)
+            units.append(unit)
+            clips.append(clip)
+            out_masks.append(out_mask)
+    out = out.to(dtype).reshape(*x.shape[:-1], weight.shape[0])
+    return out, ((w_eff, r_all, saved, units, clips, out_masks) if save else None)
+
+
 class AnalogLinearFunction(torch.autograd.Function):
     """``y = analog(x Wᵀ) + b`` for all tiles, with the spec's custom gradients.
 
@@ -206,82 +307,16 @@ class AnalogLinearFunction(torch.autograd.Function):
         config: AnalogConfig,
         training: bool,
         seed: int | None,
+        abs_max: Tensor | None = None,
     ) -> Tensor:
-        cfg_in, cfg_out = config.input, config.output
-        n_in, n_out = _steps(cfg_in.bits), _steps(cfg_out.bits)
-        bounds = tile_bounds(weight.shape[1], config.max_input_size)
-        single = len(bounds) == 1
-        gen = _make_generator(seed, weight.device)
-        dtype = x.dtype
-        x2 = x.reshape(-1, x.shape[-1])
-        grads = any(ctx.needs_input_grad[:4])
-        tiny = torch.finfo(torch.float32).tiny
-
-        wn, on = config.weight_noise, config.output_noise
-        w_noise_on = wn.enabled and (training or wn.keep_at_eval)
-        o_noise_on = on.std > 0 and training
-        need_a = n_out is not None or w_noise_on or o_noise_on
-        a = weight_abs_max(weight, bounds) if need_a else None
-        w_eff = weight
-        if w_noise_on:
-            noise = weight_noise(weight, a, bounds, wn.kind, wn.std, gen)
-            w_eff = (weight.float() + noise).to(weight.dtype)
-
-        r_all = input_range.detach().float()
-        out = None
-        saved, units, clips, out_masks = [], [], [], []
-        for s, (lo, hi) in enumerate(bounds):
-            xf = (x2 if single else x2[:, lo:hi]).float()
-            ws = w_eff if single else w_eff[:, lo:hi]
-            # ---- input path (§2) on an integer grid: x_q = unit · xq ----
-            clip = None
-            if cfg_in.dynamic:
-                r_s = xf.abs().amax(dim=1, keepdim=True).clamp_min(tiny)  # per token
-                unit = 2 * r_s / n_in
-                xq = torch.round(xf / unit)
-            elif cfg_in.uses_range:
-                r_s = r_all[s]
-                if grads:
-                    clip = (xf >= r_s, xf <= -r_s)
-                if n_in is not None:
-                    unit = 2 * r_s / n_in
-                    xq = torch.round(torch.clamp(xf / unit, -n_in / 2, n_in / 2))
-                else:
-                    unit = torch.ones((), device=x.device)
-                    xq = torch.maximum(torch.minimum(xf, r_s), -r_s)
-            else:  # no ranges, no quantization (config validation guarantees it)
-                r_s, unit, xq = None, torch.ones((), device=x.device), xf
-            xq = xq.to(dtype)
-            y = (xq @ ws.t()).float()  # in units of `unit`
-            # ---- output noise (§4.1): σ_o · r · a · ξ ----
-            if o_noise_on:
-                a_o = a[s] if on.per_channel else a[s].amax()
-                xi = torch.randn(y.shape, generator=gen, device=y.device, dtype=torch.float32)
-                y = y.addcmul_(xi, on.std * a_o * (r_s / unit))
-            # ---- ADC (§4.2): Δ_out = 2B/n_out, B = bound · r · a ----
-            out_mask = None
-            if n_out is not None:
-                a_b = a[s] if config.clip.kind is ClipKind.GAUSSIAN_PER_CHANNEL else a[s].amax()
-                step = 2 * cfg_out.bound * a_b.clamp_min(tiny) * (r_s / unit) / n_out
-                t = torch.round(y / step)
-                if grads:
-                    out_mask = t.abs() > n_out / 2
-                y = t.clamp_(-n_out / 2, n_out / 2).mul_(step)
-            y = y * unit
-            out = y if out is None else out.add_(y)
-            saved.append(xq)
-            units.append(unit)
-            clips.append(clip)
-            out_masks.append(out_mask)
-        if bias is not None:
-            out = out.add_(bias.float())
-        out = out.to(dtype).reshape(*x.shape[:-1], weight.shape[0])
-
-        if grads:
-            ctx.config, ctx.bounds, ctx.x_shape = config, bounds, x.shape
-            ctx.has_bias = bias is not None
-            ctx.units, ctx.clips, ctx.out_masks = units, clips, out_masks
-            ctx.save_for_backward(w_eff, r_all, *saved)
+        out, state = _forward(
+            x, weight, bias, input_range, config, training, seed, abs_max, save=True
+        )
+        w_eff, r_all, saved, units, clips, out_masks = state
+        ctx.config, ctx.x_shape, ctx.has_bias = config, x.shape, bias is not None
+        ctx.bounds = tile_bounds(weight.shape[1], config.max_input_size)
+        ctx.units, ctx.clips, ctx.out_masks = units, clips, out_masks
+        ctx.save_for_backward(w_eff, r_all, *saved)
         return out
 
     @staticmethod
@@ -329,7 +364,7 @@ class AnalogLinearFunction(torch.autograd.Function):
         grad_b = g2.sum(0) if (ctx.has_bias and need_b) else None
         if grad_x is not None:
             grad_x = grad_x.reshape(ctx.x_shape)
-        return grad_x, grad_w, grad_b, grad_r, None, None, None
+        return grad_x, grad_w, grad_b, grad_r, None, None, None, None
 
 
 def _range_grad_from_masks(
@@ -354,15 +389,25 @@ def analog_linear(
     *,
     training: bool,
     seed: int | None = None,
+    abs_max: Tensor | None = None,
 ) -> Tensor:
-    """The analog layer's forward (torch backend).  ``training`` switches noise on."""
+    """The analog layer's forward (torch backend).
+
+    ``training`` switches weight and output noise on; ``seed`` seeds this call's
+    noise; ``abs_max`` optionally passes precomputed ``weight_abs_max`` statistics
+    (the layer caches them in eval mode, where the weight does not change).
+    """
     w = weight
     if config.weight_quant.bits is not None:
         w = fake_quantize_weight(w, config.weight_quant.bits, config.weight_quant.group_size)
+        abs_max = None
     noisy = (config.weight_noise.enabled and (training or config.weight_noise.keep_at_eval)) or (
         training and config.output_noise.std > 0
     )
     if not (noisy or config.input.uses_range or config.input.dynamic):
         # Nothing analog left (e.g. the `ideal` preset): exactly nn.Linear.
         return torch.nn.functional.linear(x, w, bias)
-    return AnalogLinearFunction.apply(x, w, bias, input_range, config, training, seed)
+    tensors = (x, w, bias, input_range)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return AnalogLinearFunction.apply(x, w, bias, input_range, config, training, seed, abs_max)
+    return _forward(x, w, bias, input_range, config, training, seed, abs_max, save=False)[0]
