@@ -20,6 +20,7 @@ from afm.config import (
     WeightNoiseKind,
     WeightQuantConfig,
 )
+from afm.export import export_int4
 from afm.hf import AfmQuantizationConfig, attach_quantization_config
 from afm.layers import AnalogLinear
 from afm.patch import analog_layers, convert, revert
@@ -47,6 +48,7 @@ __all__ = [
     "clip_callback",
     "clip_weights_",
     "convert",
+    "export_int4",
     "get_preset",
     "register_clip_hook",
     "revert",

@@ -1,0 +1,70 @@
+"""``afm-export``: write a 4-bit compressed-tensors checkpoint of a model.
+
+    afm-export --model DIR_OR_ALIAS --out DIR [--group-size G] [--skip NAME ...]
+
+Parses the arguments, calls :func:`afm.export.export_int4` and prints its summary.
+Bad input exits with status 2 and one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="afm-export",
+        description=(
+            "Export a model (plain or afm) as symmetric round-to-nearest 4-bit weights in "
+            "the compressed-tensors pack-quantized format (loads with plain transformers "
+            "and vLLM). Analog layers are exported as their digital weights."
+        ),
+    )
+    parser.add_argument(
+        "--model", required=True, help="checkpoint directory, afm alias (e.g. 'tiny') or hub id"
+    )
+    parser.add_argument("--out", required=True, help="output directory (new or empty)")
+    parser.add_argument(
+        "--group-size",
+        type=int,
+        default=None,
+        metavar="G",
+        help="one scale per G consecutive inputs (e.g. 32, 64, 128); default: per channel",
+    )
+    parser.add_argument(
+        "--skip",
+        nargs="*",
+        default=None,
+        metavar="NAME",
+        help=(
+            "linear layers to keep unquantized, by name or dotted suffix (default: lm_head); "
+            "'--skip' with no name quantizes every linear layer"
+        ),
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error argparse already printed
+        return int(exc.code or 0)
+
+    from afm.export import DEFAULT_SKIP, export_int4
+
+    skip = DEFAULT_SKIP if args.skip is None else tuple(args.skip)
+    try:
+        summary = export_int4(args.model, args.out, group_size=args.group_size, skip=skip)
+    except (ValueError, ImportError, OSError) as err:
+        message = " ".join(str(err).split())
+        print(f"afm-export: error: {message}", file=sys.stderr)
+        return 2
+    print(summary)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
