@@ -186,3 +186,21 @@ def test_eval_abs_max_cache_follows_weight_updates():
     with torch.no_grad():
         fresh.weight.mul_(2.0)
     assert torch.equal(layer(x), fresh(x))
+
+
+def test_deployment_noise_refreshes_eval_statistics(tiny_model):
+    from afm.noise import GaussianWeightNoise, apply_noise_
+
+    model = tiny_model("llama")
+    afm.convert(model, afm.get_preset("afm-paper"))
+    layer = model.model.layers[0].mlp.up_proj
+    x = torch.randn(3, 32)
+    clean = layer(x)
+    handle = apply_noise_(model, GaussianWeightNoise(std=0.3), seed=0)
+    fresh = AnalogLinear.from_linear(nn.Linear(32, 64, bias=False), afm.get_preset("afm-paper"))
+    fresh.eval()
+    with torch.no_grad():
+        fresh.weight.copy_(layer.weight)
+    assert torch.equal(layer(x), fresh(x))  # the cached abs-max followed the noisy weight
+    handle.restore()
+    assert torch.equal(layer(x), clean)
