@@ -39,7 +39,7 @@ __all__ = [
     "input_range_grad",
     "fake_quantize_weight",
     "clip_weight_",
-    "weight_noise",
+    "noisy_weight",
     "init_range_update",
     "analog_linear",
     "AnalogLinearFunction",
@@ -99,7 +99,8 @@ def input_range_grad(
 
     ``grad`` is the gradient arriving at the quantized input.
     """
-    return _range_grad_from_masks(grad, x >= r, x <= -r, r, decay, min_fraction)
+    sign = (x >= r).to(torch.int8) - (x <= -r).to(torch.int8)
+    return _range_grad_from_sign(grad, sign, r, decay, min_fraction)
 
 
 def init_range_update(r: Tensor, x_tile: Tensor, k: int, alpha: float) -> Tensor:
@@ -148,7 +149,7 @@ def clip_weight_(weight: Tensor, kind: ClipKind, sigma: float) -> Tensor:
     return weight
 
 
-def weight_noise(
+def noisy_weight(
     weight: Tensor,
     a: Tensor,
     bounds: Sequence[tuple[int, int]],
@@ -156,18 +157,21 @@ def weight_noise(
     std: float,
     generator: torch.Generator | None,
 ) -> Tensor:
-    """Spec §3 additive noise ``σ_w·a·ξ`` (a per channel or per tile); returns the noise."""
+    """Spec §3: ``W + σ_w·a·ξ`` (a per channel or per tile), a new tensor in W's dtype."""
     xi = torch.randn(weight.shape, generator=generator, device=weight.device, dtype=torch.float32)
     if kind is WeightNoiseKind.ADD_GAUSS_PER_CHANNEL:
         scale = a  # [S, N]
     else:
         scale = a.amax(dim=1, keepdim=True).expand_as(a)
+    w = weight.float()
     if len(bounds) == 1:
-        xi.mul_((std * scale[0]).unsqueeze(1))
+        # one fused pass: ξ ← W + ξ·σa
+        out = torch.addcmul(w, xi, (std * scale[0]).unsqueeze(1), out=xi)
     else:
         for s, (lo, hi) in enumerate(bounds):
             xi[:, lo:hi].mul_((std * scale[s]).unsqueeze(1))
-    return xi
+        out = xi.add_(w)
+    return out.to(weight.dtype)
 
 
 # --------------------------------------------------------------------------- §4 output
@@ -220,12 +224,7 @@ def _forward(
         a = weight_abs_max(weight, bounds)
     w_eff = weight
     if w_noise_on:
-        noise = weight_noise(weight, a, bounds, wn.kind, wn.std, gen)
-        w_eff = (
-            noise.add_(weight)
-            if weight.dtype == torch.float32
-            else (weight.float() + noise).to(weight.dtype)
-        )
+        w_eff = noisy_weight(weight, a, bounds, wn.kind, wn.std, gen)
 
     r_all = input_range.detach().float()
     out = None
@@ -243,7 +242,9 @@ def _forward(
         elif cfg_in.uses_range:
             r_s = r_all[s]
             if save:
-                clip = (xf >= r_s, xf <= -r_s)
+                # +1 where x ≥ r, -1 where x ≤ -r, 0 inside: one int8 tensor serves both
+                # the zero input gradient and the range gradient of spec §2.3.
+                clip = (xf >= r_s).to(torch.int8).sub_((xf <= -r_s).to(torch.int8))
             if n_in is not None:
                 unit = 2 * r_s / n_in
                 xq = torch.mul(xf, 1.0 / unit).clamp_(-n_in / 2, n_in / 2).round_()
@@ -269,8 +270,11 @@ def _forward(
             step = (2 * cfg_out.bound / n_out) * a_b.clamp_min(tiny) * r_per_unit
             y = y.mul_(1.0 / step).round_()
             if save:
-                out_mask = y.abs() > n_out / 2
-            y = y.clamp_(-n_out / 2, n_out / 2)
+                clamped = y.clamp(-n_out / 2, n_out / 2)
+                out_mask = clamped != y  # no gradient past the ADC bound
+                y = clamped
+            else:
+                y = y.clamp_(-n_out / 2, n_out / 2)
             scale = step * unit
         if out is None and bias is not None:
             out = torch.addcmul(bias.float(), y, scale)
@@ -334,7 +338,7 @@ class AnalogLinearFunction(torch.autograd.Function):
         grad_r = torch.zeros_like(r_all) if need_r else None
         single = len(ctx.bounds) == 1
         for s, (lo, hi) in enumerate(ctx.bounds):
-            gs = g2 if ctx.out_masks[s] is None else g2.masked_fill(ctx.out_masks[s], 0)
+            gs = g2 if ctx.out_masks[s] is None else torch.where(ctx.out_masks[s], 0.0, g2)
             gs = gs.to(w_eff.dtype)
             unit = ctx.units[s]
             if need_w:  # noise is additive: the gradient passes straight to W
@@ -350,12 +354,11 @@ class AnalogLinearFunction(torch.autograd.Function):
                 gx = gs @ (w_eff if single else w_eff[:, lo:hi])
                 clip = ctx.clips[s]
                 if clip is not None:
-                    upper, lower = clip
                     if need_r:
-                        grad_r[s] = _range_grad_from_masks(
-                            gx, upper, lower, r_all[s], cfg_in.decay, cfg_in.min_fraction
+                        grad_r[s] = _range_grad_from_sign(
+                            gx, clip, r_all[s], cfg_in.decay, cfg_in.min_fraction
                         )
-                    gx = gx.masked_fill(upper | lower, 0)
+                    gx = gx.masked_fill_(clip.bool(), 0)
                 if need_x:
                     if single:
                         grad_x = gx.to(grad_out.dtype)
@@ -367,15 +370,17 @@ class AnalogLinearFunction(torch.autograd.Function):
         return grad_x, grad_w, grad_b, grad_r, None, None, None, None
 
 
-def _range_grad_from_masks(
-    grad: Tensor, upper: Tensor, lower: Tensor, r: Tensor, decay: float, min_fraction: float
+def _range_grad_from_sign(
+    grad: Tensor, sign: Tensor, r: Tensor, decay: float, min_fraction: float
 ) -> Tensor:
-    """Spec §2.3 from the clip masks (``x ≥ r``, ``x ≤ -r``) saved in the forward."""
-    g = grad.float()
-    out = r * (g.clamp(max=0)[upper].sum() - g.clamp(min=0)[lower].sum())
+    """Spec §2.3 from the clip sign (+1: ``x ≥ r``, -1: ``x ≤ -r``, 0: inside).
+
+    ``Σ_{x≥r} min(g, 0) − Σ_{x≤−r} max(g, 0) = Σ min(sign·g, 0)``: one fused pass.
+    """
+    total = (grad.float() * sign).clamp_(max=0).sum()
+    out = r * total
     if decay > 0:
-        clipped = upper.sum() + lower.sum()
-        not_clipped = 1.0 - clipped.float() / upper.numel()
+        not_clipped = 1.0 - sign.count_nonzero().float() / sign.numel()
         out = out + decay * r * (not_clipped > min_fraction).float()
     return out
 

@@ -95,7 +95,8 @@ def main() -> None:
     for tokens, k, n, tiles, out_noise in SHAPES:
         config = afm.get_preset("afm-paper").replace(
             max_input_size=tiles,
-            output_noise=afm.OutputNoiseConfig(std=out_noise, per_channel=True))
+            output_noise=afm.OutputNoiseConfig(std=out_noise, per_channel=True),
+        )
         lin = nn.Linear(k, n)
         analog = AnalogLinear.from_linear(nn.Linear(k, n), config)
         with torch.no_grad():

@@ -8,20 +8,31 @@ torch.set_num_threads(2)
 def _tiny(kind: str):
     common = dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
     if kind == "llama":
-        return transformers.LlamaForCausalLM(transformers.LlamaConfig(
-            **common, intermediate_size=64, num_key_value_heads=2, tie_word_embeddings=True))
+        return transformers.LlamaForCausalLM(
+            transformers.LlamaConfig(
+                **common, intermediate_size=64, num_key_value_heads=2, tie_word_embeddings=True
+            )
+        )
     if kind == "phi3":
-        return transformers.Phi3ForCausalLM(transformers.Phi3Config(
-            **common, intermediate_size=64, num_key_value_heads=4, pad_token_id=0))
+        return transformers.Phi3ForCausalLM(
+            transformers.Phi3Config(
+                **common, intermediate_size=64, num_key_value_heads=4, pad_token_id=0
+            )
+        )
     if kind == "qwen2":
-        return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
-            **common, intermediate_size=64, num_key_value_heads=2, tie_word_embeddings=True))
+        return transformers.Qwen2ForCausalLM(
+            transformers.Qwen2Config(
+                **common, intermediate_size=64, num_key_value_heads=2, tie_word_embeddings=True
+            )
+        )
     if kind == "mistral":
-        return transformers.MistralForCausalLM(transformers.MistralConfig(
-            **common, intermediate_size=64, num_key_value_heads=2))
+        return transformers.MistralForCausalLM(
+            transformers.MistralConfig(**common, intermediate_size=64, num_key_value_heads=2)
+        )
     if kind == "gpt2":
-        return transformers.GPT2LMHeadModel(transformers.GPT2Config(
-            vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64))
+        return transformers.GPT2LMHeadModel(
+            transformers.GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+        )
     raise ValueError(kind)
 
 

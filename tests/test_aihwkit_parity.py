@@ -82,8 +82,9 @@ def test_identical_gradients_noise_off(m):
     ours(xb).backward(g)
     torch.testing.assert_close(xb.grad, xa.grad, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(ours.weight.grad, light.weight.grad, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(ours.input_range.grad, light.input_range.grad.view(-1),
-                               atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        ours.input_range.grad, light.input_range.grad.view(-1), atol=1e-4, rtol=1e-4
+    )
 
 
 def test_matching_noise_statistics():

@@ -60,8 +60,11 @@ def test_output_quantization_needs_input_ranges():
 
 
 def test_enums_are_coerced_from_strings():
-    cfg = AnalogConfig(weight_noise=WeightNoiseConfig("add_gauss", 0.1), clip=ClipConfig("gaussian"),
-                       backend="torch")
+    cfg = AnalogConfig(
+        weight_noise=WeightNoiseConfig("add_gauss", 0.1),
+        clip=ClipConfig("gaussian"),
+        backend="torch",
+    )
     assert cfg.weight_noise.kind is WeightNoiseKind.ADD_GAUSS
     assert cfg.clip.kind is ClipKind.GAUSSIAN
     assert cfg.backend is Backend.TORCH
@@ -145,8 +148,15 @@ def _valid_bits(b):
 
 
 @settings(max_examples=300, deadline=None)
-@given(b_in=bits, b_out=bits, bound=st.one_of(st.none(), reals), kind=kinds, std=reals,
-       sigma=reals, m=st.one_of(st.none(), st.integers(-2, 4096)))
+@given(
+    b_in=bits,
+    b_out=bits,
+    bound=st.one_of(st.none(), reals),
+    kind=kinds,
+    std=reals,
+    sigma=reals,
+    m=st.one_of(st.none(), st.integers(-2, 4096)),
+)
 def test_fuzz_config_either_valid_or_named_valueerror(b_in, b_out, bound, kind, std, sigma, m):
     try:
         cfg = AnalogConfig(

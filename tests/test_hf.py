@@ -43,8 +43,11 @@ def test_round_trip_identical_logits_and_ranges(tiny_model, tmp_path, arch):
 
 def test_overrides_survive_round_trip(tiny_model, tmp_path):
     model = tiny_model("llama")
-    afm.convert(model, afm.get_preset("afm-paper"),
-                overrides={r"layers\.1\.mlp": afm.get_preset("ahwa-lora")})
+    afm.convert(
+        model,
+        afm.get_preset("afm-paper"),
+        overrides={r"layers\.1\.mlp": afm.get_preset("ahwa-lora")},
+    )
     afm.attach_quantization_config(model)
     model.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
@@ -65,14 +68,17 @@ def test_convert_plain_checkpoint_on_the_fly(tiny_model, tmp_path):
     model = tiny_model("llama")
     model.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(
-        tmp_path, quantization_config=AfmQuantizationConfig("afm-paper"))
+        tmp_path, quantization_config=AfmQuantizationConfig("afm-paper")
+    )
     layers = afm.analog_layers(loaded)
     assert len(layers) == 14 and "lm_head" not in layers
     # input_range is not in a plain checkpoint: initialised, not garbage
-    assert all(torch.equal(m.input_range, torch.full_like(m.input_range, 3.0))
-               for m in layers.values())
-    torch.testing.assert_close(loaded.model.layers[0].mlp.up_proj.weight,
-                               model.model.layers[0].mlp.up_proj.weight)
+    assert all(
+        torch.equal(m.input_range, torch.full_like(m.input_range, 3.0)) for m in layers.values()
+    )
+    torch.testing.assert_close(
+        loaded.model.layers[0].mlp.up_proj.weight, model.model.layers[0].mlp.up_proj.weight
+    )
 
 
 def _edit_config(path, fn):
@@ -105,8 +111,10 @@ def test_nothing_is_pickled(tiny_model, tmp_path):
 
 
 def test_import_afm_is_light():
-    code = ("import sys, afm; bad = [m for m in ('triton', 'peft', 'lm_eval', 'vllm') "
-            "if m in sys.modules]; print(bad)")
+    code = (
+        "import sys, afm; bad = [m for m in ('triton', 'peft', 'lm_eval', 'vllm') "
+        "if m in sys.modules]; print(bad)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 

@@ -19,18 +19,35 @@ def test_installed_import_names():
     tasks = importlib.util.find_spec("afm.tasks")
     assert tasks is not None
     # From a neutral directory, afm provides no top-level `triton_kernels`.
-    code = ("import importlib.util, pathlib; s = importlib.util.find_spec('triton_kernels'); "
-            f"print('none' if s is None else ('ours' if pathlib.Path(s.origin or '').is_relative_to("
-            f"{str(ROOT)!r}) else 'other'))")
-    out = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True,
-                         check=True)
+    code = (
+        "import importlib.util, pathlib; s = importlib.util.find_spec('triton_kernels'); "
+        f"print('none' if s is None else ('ours' if pathlib.Path(s.origin or '').is_relative_to("
+        f"{str(ROOT)!r}) else 'other'))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd="/", capture_output=True, text=True, check=True
+    )
     assert out.stdout.strip() in ("none", "other")
 
 
 @pytest.mark.slow
 def test_wheel_maps_kernels_into_afm(tmp_path):
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                    "-q", "-w", str(tmp_path), str(ROOT)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
+    )
     wheel = next(tmp_path.glob("afm-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert "afm/triton_kernels/__init__.py" in names
@@ -41,12 +58,31 @@ def test_wheel_maps_kernels_into_afm(tmp_path):
         assert any(n.endswith(".safetensors") for n in names)
     # Install it into an isolated target and import the kernels package from there.
     target = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target",
-                    str(target), str(wheel)], check=True, capture_output=True)
-    code = ("import importlib.util; s = importlib.util.find_spec('afm.triton_kernels'); "
-            "print(s.origin); print(importlib.util.find_spec('triton_kernels'))")
-    out = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, "
-                          f"{str(target)!r}); " + code], cwd="/", capture_output=True, text=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "-q",
+            "--target",
+            str(target),
+            str(wheel),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    code = (
+        "import importlib.util; s = importlib.util.find_spec('afm.triton_kernels'); "
+        "print(s.origin); print(importlib.util.find_spec('triton_kernels'))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(target)!r}); " + code],
+        cwd="/",
+        capture_output=True,
+        text=True,
+    )
     lines = out.stdout.strip().splitlines()
     assert lines and lines[0].startswith(str(target / "afm" / "triton_kernels")), out.stderr
     assert lines[1] == "None"

@@ -11,8 +11,11 @@ ARCHS = ["llama", "phi3", "qwen2", "mistral", "gpt2"]
 
 
 def _linear_names(model):
-    return [n for n, m in model.named_modules()
-            if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"]
+    return [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"
+    ]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -58,11 +61,20 @@ def test_gpt2_conv1d_transposed_weight(tiny_model):
 
 def test_include_exclude_overrides(tiny_model):
     model = tiny_model("llama")
-    afm.convert(model, afm.get_preset("afm-paper"), include=[r"mlp\."], exclude=["down_proj"],
-                overrides={r"layers\.1\.": afm.get_preset("ahwa-lora")})
+    afm.convert(
+        model,
+        afm.get_preset("afm-paper"),
+        include=[r"mlp\."],
+        exclude=["down_proj"],
+        overrides={r"layers\.1\.": afm.get_preset("ahwa-lora")},
+    )
     names = sorted(afm.analog_layers(model))
-    assert names == ["model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj",
-                     "model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj"]
+    assert names == [
+        "model.layers.0.mlp.gate_proj",
+        "model.layers.0.mlp.up_proj",
+        "model.layers.1.mlp.gate_proj",
+        "model.layers.1.mlp.up_proj",
+    ]
     assert model.model.layers[1].mlp.up_proj.analog_config == afm.get_preset("ahwa-lora")
     assert model.model.layers[0].mlp.up_proj.analog_config == afm.get_preset("afm-paper")
     assert isinstance(model.model.layers[0].mlp.down_proj, nn.Linear)
@@ -73,11 +85,16 @@ def test_include_exclude_overrides(tiny_model):
 
 def test_exact_name_and_compiled_regex(tiny_model):
     model = tiny_model("llama")
-    afm.convert(model, afm.get_preset("ideal"),
-                include=["model.layers.0.self_attn.q_proj", re.compile(r"k_proj$")])
-    assert sorted(afm.analog_layers(model)) == ["model.layers.0.self_attn.k_proj",
-                                                "model.layers.0.self_attn.q_proj",
-                                                "model.layers.1.self_attn.k_proj"]
+    afm.convert(
+        model,
+        afm.get_preset("ideal"),
+        include=["model.layers.0.self_attn.q_proj", re.compile(r"k_proj$")],
+    )
+    assert sorted(afm.analog_layers(model)) == [
+        "model.layers.0.self_attn.k_proj",
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.1.self_attn.k_proj",
+    ]
 
 
 def test_tied_lm_head_gets_its_own_weight(tiny_model):
@@ -157,7 +174,8 @@ def test_calibration_sets_ranges_from_data(tiny_model):
     captured = {}
     layer = model.model.layers[0].mlp.down_proj
     hook = layer.register_forward_pre_hook(
-        lambda m, args: captured.setdefault("x", []).append(args[0].detach().clone()))
+        lambda m, args: captured.setdefault("x", []).append(args[0].detach().clone())
+    )
     used = afm.calibrate_input_ranges_(model, batches, progress=False)
     hook.remove()
     assert used == 3

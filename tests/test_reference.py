@@ -61,7 +61,8 @@ def test_quantize_input_hand_case():
     assert torch.allclose(ref.quantize_input(x, r, 8), torch.tensor([0.02, 0.04, -2.54]))
     # bits None: clip only
     assert ref.quantize_input(torch.tensor([0.123, 9.0]), 1.0, None).tolist() == pytest.approx(
-        [0.123, 1.0])
+        [0.123, 1.0]
+    )
 
 
 def test_quantize_output_hand_case():
@@ -101,15 +102,19 @@ def test_ideal_config_is_nn_linear():
     torch.manual_seed(0)
     lin = torch.nn.Linear(12, 5)
     x = torch.randn(3, 4, 12)
-    out = ref.analog_linear(x, lin.weight, lin.bias, torch.ones(1), get_preset("ideal"),
-                            training=True)
+    out = ref.analog_linear(
+        x, lin.weight, lin.bias, torch.ones(1), get_preset("ideal"), training=True
+    )
     assert torch.equal(out, lin(x))
 
 
 def test_gradients_follow_the_spec():
     torch.manual_seed(0)
-    config = cfg(max_input_size=6, input=InputQuantConfig(bits=8, decay=0.01, min_fraction=0.5),
-                 output=OutputQuantConfig(bits=8, bound=2.0))
+    config = cfg(
+        max_input_size=6,
+        input=InputQuantConfig(bits=8, decay=0.01, min_fraction=0.5),
+        output=OutputQuantConfig(bits=8, bound=2.0),
+    )
     x = (torch.randn(9, 12) * 1.5).requires_grad_()
     w = torch.randn(4, 12).requires_grad_()
     b = torch.randn(4).requires_grad_()
@@ -136,10 +141,9 @@ def test_gradients_follow_the_spec():
         clipped = xs.abs() >= r[s].detach()
         gx[:, lo:hi] = gq.masked_fill(clipped, 0)
         rv = r[s].detach()
-        term = sum(min(v, 0.0) for v, xv in zip(gq.flatten().tolist(), xs.flatten().tolist())
-                   if xv >= rv)
-        term -= sum(max(v, 0.0) for v, xv in zip(gq.flatten().tolist(), xs.flatten().tolist())
-                    if xv <= -rv)
+        pairs = list(zip(gq.flatten().tolist(), xs.flatten().tolist(), strict=True))
+        term = sum(min(v, 0.0) for v, xv in pairs if xv >= rv)
+        term -= sum(max(v, 0.0) for v, xv in pairs if xv <= -rv)
         frac_not_clipped = 1 - clipped.float().mean().item()
         gr[s] = rv * term + (0.01 * rv if frac_not_clipped > 0.5 else 0.0)
     assert torch.allclose(x.grad, gx, atol=1e-5)
@@ -147,10 +151,16 @@ def test_gradients_follow_the_spec():
     assert torch.allclose(b.grad, g.sum(0))
     assert torch.allclose(r.grad, gr, atol=1e-4)
     # The bound bit: something did saturate, so the mask mattered.
-    assert any((ref.quantize_output(x.detach()[:, :6] @ w.detach()[:, :6].t(),
-                                    2.0 * r[0].detach() * w.detach()[:, :6].abs().amax(1),
-                                    8).abs() >= 2.0 * r[0].detach()
-                * w.detach()[:, :6].abs().amax(1) * 0.999).flatten())
+    assert any(
+        (
+            ref.quantize_output(
+                x.detach()[:, :6] @ w.detach()[:, :6].t(),
+                2.0 * r[0].detach() * w.detach()[:, :6].abs().amax(1),
+                8,
+            ).abs()
+            >= 2.0 * r[0].detach() * w.detach()[:, :6].abs().amax(1) * 0.999
+        ).flatten()
+    )
 
 
 def test_input_range_decay_switches_on_when_little_clips():
@@ -198,8 +208,9 @@ def test_weight_noise_statistics(kind):
     assert torch.equal(noisy, again)
     other = ref.analog_linear(x, w, None, r, config, training=True, seed=4)
     assert not torch.equal(noisy, other)
-    assert torch.allclose(ref.analog_linear(x, w, None, r, config, training=False), clean,
-                          atol=1e-5)
+    assert torch.allclose(
+        ref.analog_linear(x, w, None, r, config, training=False), clean, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("per_channel", [True, False])
@@ -211,7 +222,9 @@ def test_output_noise_statistics_per_tile(per_channel):
     config = AnalogConfig(
         input=InputQuantConfig(bits=None, learn_ranges=True, decay=0.0),
         output=OutputQuantConfig(bits=None, bound=None),
-        output_noise=OutputNoiseConfig(0.04, per_channel), max_input_size=45)
+        output_noise=OutputNoiseConfig(0.04, per_channel),
+        max_input_size=45,
+    )
     clean = ref.analog_linear(x, w, None, r, config, training=False)
     noisy = ref.analog_linear(x, w, None, r, config, training=True, seed=1)
     diff = noisy - clean
@@ -227,8 +240,10 @@ def test_output_noise_statistics_per_tile(per_channel):
 
 
 def test_dynamic_input_mode_uses_per_token_absmax():
-    config = AnalogConfig(input=InputQuantConfig(bits=2, learn_ranges=False, dynamic=True),
-                          output=OutputQuantConfig(bits=None, bound=None))
+    config = AnalogConfig(
+        input=InputQuantConfig(bits=2, learn_ranges=False, dynamic=True),
+        output=OutputQuantConfig(bits=None, bound=None),
+    )
     x = torch.tensor([[1.0, 0.4, -0.6], [10.0, 2.0, 6.0]])
     w = torch.eye(3)
     out = ref.analog_linear(x, w, None, torch.ones(1), config, training=False)
@@ -247,8 +262,9 @@ def test_weight_is_never_mutated_and_dtypes():
         w = w32.to(dtype).detach().clone().requires_grad_()
         before = w.detach().clone()
         x = x32.to(dtype).detach().clone().requires_grad_()
-        out = ref.analog_linear(x, w, None, r.clone().requires_grad_(), config, training=True,
-                                seed=0)
+        out = ref.analog_linear(
+            x, w, None, r.clone().requires_grad_(), config, training=True, seed=0
+        )
         assert out.dtype == dtype
         out.float().sum().backward()
         assert torch.equal(w.detach(), before)
