@@ -175,3 +175,15 @@ def test_fuzz_config_either_valid_or_named_valueerror(b_in, b_out, bound, kind, 
     assert cfg.weight_noise.std >= 0 and cfg.clip.sigma > 0
     assert m is None or m >= 1
     assert AnalogConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+def test_every_preset_names_a_valid_deployment_noise():
+    from afm.noise import get_noise_model
+    from afm.presets import eval_noise_of
+
+    for name in PRESETS:
+        model = get_noise_model(**eval_noise_of(name))
+        assert model.scale > 0
+    assert get_noise_model(**eval_noise_of("tiny-stress")).scale == 3.0
+    stress, paper = get_preset("tiny-stress"), get_preset("afm-paper")
+    assert (stress.input, stress.output, stress.clip) == (paper.input, paper.output, paper.clip)
