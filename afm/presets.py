@@ -6,7 +6,7 @@ Make variants with ``dataclasses.replace`` or ``afm.config.set_by_path``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from afm.config import (
     AnalogConfig,
@@ -32,24 +32,27 @@ class Preset:
     """The deployment noise this chip is evaluated under (``afm.noise.get_noise_model``)."""
 
 
+_AFM_PAPER = AnalogConfig(
+    input=InputQuantConfig(
+        bits=8,
+        learn_ranges=True,
+        init_steps=500,
+        init_std_alpha=18.0,
+        init_value=3.0,
+        decay=0.01,
+        min_fraction=0.95,
+    ),
+    output=OutputQuantConfig(bits=8, bound=14.0),
+    weight_noise=WeightNoiseConfig(WeightNoiseKind.ADD_GAUSS_PER_CHANNEL, std=0.03),
+    output_noise=OutputNoiseConfig(std=0.0),
+    clip=ClipConfig(ClipKind.GAUSSIAN_PER_CHANNEL, sigma=2.5),
+    max_input_size=None,
+)
+
+
 PRESETS: dict[str, Preset] = {
     "afm-paper": Preset(
-        AnalogConfig(
-            input=InputQuantConfig(
-                bits=8,
-                learn_ranges=True,
-                init_steps=500,
-                init_std_alpha=18.0,
-                init_value=3.0,
-                decay=0.01,
-                min_fraction=0.95,
-            ),
-            output=OutputQuantConfig(bits=8, bound=14.0),
-            weight_noise=WeightNoiseConfig(WeightNoiseKind.ADD_GAUSS_PER_CHANNEL, std=0.03),
-            output_noise=OutputNoiseConfig(std=0.0),
-            clip=ClipConfig(ClipKind.GAUSSIAN_PER_CHANNEL, sigma=2.5),
-            max_input_size=None,
-        ),
+        _AFM_PAPER,
         "Büchel et al. 2025, Analog Foundation Models (training chip)",
     ),
     "ahwa-lora": Preset(
@@ -71,21 +74,9 @@ PRESETS: dict[str, Preset] = {
     # noise at evaluation, where the FP teacher loses ~20 points on toyworld_arith
     # (afm/assets/tiny/README.md), and train with a matching, larger weight noise.
     "tiny-stress": Preset(
-        AnalogConfig(
-            input=InputQuantConfig(
-                bits=8,
-                learn_ranges=True,
-                init_steps=500,
-                init_std_alpha=18.0,
-                init_value=3.0,
-                decay=0.01,
-                min_fraction=0.95,
-            ),
-            output=OutputQuantConfig(bits=8, bound=14.0),
+        replace(
+            _AFM_PAPER,
             weight_noise=WeightNoiseConfig(WeightNoiseKind.ADD_GAUSS_PER_CHANNEL, std=0.08),
-            output_noise=OutputNoiseConfig(std=0.0),
-            clip=ClipConfig(ClipKind.GAUSSIAN_PER_CHANNEL, sigma=2.5),
-            max_input_size=None,
         ),
         "afm's harsher chip for the tiny demos: afm-paper I/O, PCM programming noise x3",
         eval_noise=(("name", "pcm"), ("scale", 3.0), ("tile_size", 512)),

@@ -1,8 +1,22 @@
-import pytest
-import torch
-import transformers
+import os
+
+# Triton kernels run in the interpreter on CPU; this must be set before anything in the
+# test session imports triton (afm never reads it inside a forward).
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
 
 torch.set_num_threads(2)
+
+
+@pytest.fixture(autouse=True)
+def _restore_grad_mode():
+    """Some libraries (lm-eval) switch autograd off globally; keep tests independent."""
+    enabled = torch.is_grad_enabled()
+    yield
+    torch.set_grad_enabled(enabled)
 
 
 def _tiny(kind: str):
