@@ -1,0 +1,170 @@
+#!/usr/bin/env python
+"""Benchmark the AFM distillation step and the KD loss's memory on CPU.
+
+    python scripts/bench_train.py            # tiny model + a larger random Llama
+    python scripts/bench_train.py --quick    # fewer steps, smaller loss-memory case
+
+1. Time per optimizer step (teacher forward + student forward/backward + KD loss +
+   AdamW + clipping) of AFM distillation (student converted with ``afm-paper``:
+   8-bit inputs/outputs, learned ranges, 3 % weight noise, clipping) vs plain KD
+   into a digital student; same model, same batch.  Goal: AFM ≤ 1.3× plain KD.
+2. Peak memory allocated by the KD loss (forward + backward) vs the naive fp32
+   loss, measured with ``torch.profiler`` memory events (allocations made inside
+   the loss only; the logits themselves exist before).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+
+import afm
+from afm.clipping import register_clip_hook
+from afm.distill import make_student
+from afm.kd_loss import kd_loss, naive_kd_loss, peak_cpu_memory
+
+
+def _random_llama(hidden: int, layers: int, ffn: int, vocab: int, heads: int = 4):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(cfg)
+
+
+def _tiny():
+    try:
+        from afm.models import load_model
+
+        return load_model("tiny", dtype=torch.float32), "tiny (bundled teacher)"
+    except Exception:  # noqa: BLE001  (not trained yet: same shape, random weights)
+        return _random_llama(256, 4, 768, 512), "tiny-shaped random Llama (256/4/768, vocab 512)"
+
+
+class _Stepper:
+    """One optimizer step of KD into ``student`` (teacher forward included)."""
+
+    def __init__(self, teacher, student, ids) -> None:
+        self.teacher, self.student, self.ids = teacher.eval(), student.train(), ids
+        self.mask = torch.ones_like(ids)
+        self.opt = torch.optim.AdamW(
+            [p for p in student.parameters() if p.requires_grad],
+            lr=1e-4,
+            betas=(0.9, 0.98),
+            eps=1e-6,
+            weight_decay=0.01,
+        )
+        if afm.analog_layers(student):
+            register_clip_hook(self.opt, student)
+
+    def __call__(self) -> float:
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            t_logits = self.teacher(input_ids=self.ids, attention_mask=self.mask).logits
+        s_logits = self.student(input_ids=self.ids, attention_mask=self.mask, use_cache=False)
+        loss = kd_loss(
+            s_logits.logits, t_logits, mask=self.mask, chunk_size=512, inplace_backward=True
+        ).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.student.parameters(), 1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+
+def time_pair(teacher, plain, analog, ids, steps: int, warmup: int = 2) -> tuple[float, float]:
+    """Median seconds per step of both students, steps interleaved (fair under load)."""
+    a, b = _Stepper(teacher, plain, ids), _Stepper(teacher, analog, ids)
+    ta, tb = [], []
+    for i in range(warmup + steps):
+        x, y = a(), b()
+        if i >= warmup:
+            ta.append(x)
+            tb.append(y)
+    return statistics.median(ta), statistics.median(tb)
+
+
+def bench_step(name: str, teacher, batch: int, seq: int, steps: int) -> None:
+    vocab = teacher.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (batch, seq), generator=g)
+    plain = copy.deepcopy(teacher)
+    for p in plain.parameters():
+        p.requires_grad_(True)
+    analog = make_student(teacher, "afm-paper")
+    t_plain, t_afm = time_pair(teacher, plain, analog, ids, steps)
+    n_params = sum(p.numel() for p in teacher.parameters()) / 1e6
+    print(
+        f"[step] {name}: {n_params:.1f} M params, batch {batch} x {seq} tokens, "
+        f"{torch.get_num_threads()} threads\n"
+        f"       plain KD (digital student): {1e3 * t_plain:8.1f} ms/step\n"
+        f"       AFM distillation (afm-paper): {1e3 * t_afm:6.1f} ms/step\n"
+        f"       ratio AFM / plain KD: {t_afm / t_plain:.2f}x (goal <= 1.3x)"
+    )
+
+
+def bench_loss_memory(tokens: int, vocab: int, chunk: int) -> None:
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(tokens, vocab, generator=g).requires_grad_(True)
+    t = torch.randn(tokens, vocab, generator=g)
+    unit = tokens * vocab * 4
+    t0 = time.perf_counter()
+    p_naive = peak_cpu_memory(lambda: naive_kd_loss(s, t).loss.backward())
+    t_naive = time.perf_counter() - t0
+    s.grad = None
+    t0 = time.perf_counter()
+    p_chunk = peak_cpu_memory(lambda: kd_loss(s, t, chunk_size=chunk).loss.backward())
+    t_chunk = time.perf_counter() - t0
+    s.grad = None
+    logits = s.detach().clone().requires_grad_(True)
+    p_inpl = peak_cpu_memory(
+        lambda: kd_loss(logits, t, chunk_size=chunk, inplace_backward=True).loss.backward()
+    )
+    mib = 2**20
+    print(
+        f"[loss memory] {tokens} tokens x vocab {vocab} (one fp32 logits tensor = "
+        f"{unit / mib:.0f} MiB), chunk {chunk}\n"
+        f"       naive fp32 KD loss:         peak {p_naive / mib:8.0f} MiB "
+        f"({p_naive / unit:.2f} x logits), {t_naive:.1f} s fwd+bwd\n"
+        f"       chunked KD loss:            peak {p_chunk / mib:8.0f} MiB "
+        f"({p_chunk / unit:.2f} x), ratio {p_chunk / p_naive:.3f}, {t_chunk:.1f} s\n"
+        f"       chunked, in-place backward: peak {p_inpl / mib:8.0f} MiB "
+        f"({p_inpl / unit:.2f} x), ratio {p_inpl / p_naive:.3f} (goal <= 0.25; the "
+        "trainer's mode)"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=None)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    steps = args.steps or (3 if args.quick else 8)
+    tiny, tiny_name = _tiny()
+    bench_step(tiny_name, tiny, 16, 128, steps)
+    big = _random_llama(512, 6, 1536, 8192, heads=8)
+    bench_step("random Llama (512/6/1536, vocab 8192)", big, 4, 256, steps)
+    if args.quick:
+        bench_loss_memory(1024, 8192, 256)
+    else:
+        bench_loss_memory(2 * 2048, 32000, 256)
+
+
+if __name__ == "__main__":
+    main()
