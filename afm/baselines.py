@@ -24,13 +24,6 @@ from torch import nn
 
 from afm.config import (
     AnalogConfig,
-    ClipConfig,
-    ClipKind,
-    InputQuantConfig,
-    OutputNoiseConfig,
-    OutputQuantConfig,
-    WeightNoiseConfig,
-    WeightQuantConfig,
 )
 from afm.reference import fake_quantize_weight
 
@@ -167,12 +160,9 @@ def w4a8_qat_config(group_size: int | None = None) -> AnalogConfig:
     * no weight or output noise, no output (ADC) quantization, no weight clipping,
       one tile.
     """
-    return AnalogConfig(
-        input=InputQuantConfig(bits=8, learn_ranges=True),
-        output=OutputQuantConfig(bits=None, bound=None),
-        weight_noise=WeightNoiseConfig(),
-        output_noise=OutputNoiseConfig(std=0.0),
-        clip=ClipConfig(ClipKind.NONE),
-        weight_quant=WeightQuantConfig(bits=W4_BITS, group_size=group_size),
-        max_input_size=None,
-    )
+    from dataclasses import replace
+
+    from afm.presets import get_preset
+
+    config = get_preset("w4a8-qat")
+    return replace(config, weight_quant=replace(config.weight_quant, group_size=group_size))

@@ -17,6 +17,7 @@ from afm.config import (
     OutputQuantConfig,
     WeightNoiseConfig,
     WeightNoiseKind,
+    WeightQuantConfig,
 )
 
 
@@ -80,6 +81,21 @@ PRESETS: dict[str, Preset] = {
         ),
         "afm's harsher chip for the tiny demos: afm-paper I/O, PCM programming noise x3",
         eval_noise=(("name", "pcm"), ("scale", 3.0), ("tile_size", 512)),
+    ),
+    # Digital baseline of the AFM paper: 4-bit RTN weights per channel with a
+    # straight-through gradient and 8-bit static learned input ranges, no analog effects.
+    # `afm-train --preset w4a8-qat` trains it with the same distillation recipe.
+    "w4a8-qat": Preset(
+        AnalogConfig(
+            input=InputQuantConfig(bits=8, learn_ranges=True),
+            output=OutputQuantConfig(bits=None, bound=None),
+            weight_noise=WeightNoiseConfig(),
+            output_noise=OutputNoiseConfig(std=0.0),
+            clip=ClipConfig(ClipKind.NONE),
+            weight_quant=WeightQuantConfig(bits=4, group_size=None),
+            max_input_size=None,
+        ),
+        "W4A8 QAT baseline (Büchel et al. 2025 compare AFM + RTN-W4 against it)",
     ),
     "ideal": Preset(
         AnalogConfig(

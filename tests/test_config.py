@@ -187,3 +187,13 @@ def test_every_preset_names_a_valid_deployment_noise():
     assert get_noise_model(**eval_noise_of("tiny-stress")).scale == 3.0
     stress, paper = get_preset("tiny-stress"), get_preset("afm-paper")
     assert (stress.input, stress.output, stress.clip) == (paper.input, paper.output, paper.clip)
+
+
+def test_w4a8_qat_preset_is_the_baseline_config():
+    from afm.baselines import w4a8_qat_config
+
+    cfg = get_preset("w4a8-qat")
+    assert w4a8_qat_config() == cfg
+    assert (cfg.weight_quant.bits, cfg.input.bits, cfg.output.bits) == (4, 8, None)
+    assert not cfg.weight_noise.enabled and cfg.clip.kind is ClipKind.NONE
+    assert w4a8_qat_config(group_size=32).weight_quant.group_size == 32

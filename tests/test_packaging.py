@@ -54,6 +54,7 @@ def test_wheel_maps_kernels_into_afm(tmp_path):
     assert not any(n.startswith("triton_kernels/") for n in names)
     assert any(n.startswith("afm/tasks/") and n.endswith(".yaml") for n in names)
     assert "afm/suites/afm_paper.yaml" in names
+    assert "afm/tasks/toyworld/arith.jsonl" in names
     if (ROOT / "afm" / "assets" / "tiny" / "config.json").exists():
         assert "afm/assets/tiny/config.json" in names
         assert any(n.endswith(".safetensors") for n in names)
