@@ -26,7 +26,7 @@ import json
 import logging
 import math
 import random
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -117,6 +117,29 @@ def _subsets(m: int, n: int, n_subsets: int, rng: random.Random) -> list[list[in
     return subsets
 
 
+def _curve(
+    values: Sequence[Sequence[Any]],
+    correct: Sequence[Sequence[bool]],
+    ns: Sequence[int],
+    n_subsets: int,
+    seed: int,
+    accuracy: Callable[[list, list], float],
+) -> dict[int, float]:
+    """Accuracy at each N from the same per-problem samples (subsets of them for N < max)."""
+    ns = check_ns(ns)
+    rng = random.Random(seed)
+    out = {}
+    for n in ns:
+        total = 0.0
+        for vals, cor in zip(values, correct, strict=True):
+            subs = _subsets(len(vals), n, n_subsets, rng)
+            total += sum(accuracy([vals[i] for i in s], [cor[i] for i in s]) for s in subs) / len(
+                subs
+            )
+        out[n] = total / max(1, len(values))
+    return out
+
+
 def vote_curve(
     answers: Sequence[Sequence[Hashable | None]],
     correct: Sequence[Sequence[bool]],
@@ -125,18 +148,7 @@ def vote_curve(
     seed: int = 0,
 ) -> dict[int, float]:
     """Majority-vote accuracy at each N, from the same per-problem samples."""
-    ns = check_ns(ns)
-    rng = random.Random(seed)
-    out = {}
-    for n in ns:
-        total = 0.0
-        for ans, cor in zip(answers, correct, strict=True):
-            subs = _subsets(len(ans), n, n_subsets, rng)
-            total += sum(
-                vote_accuracy([ans[i] for i in s], [cor[i] for i in s]) for s in subs
-            ) / len(subs)
-        out[n] = total / max(1, len(answers))
-    return out
+    return _curve(answers, correct, ns, n_subsets, seed, vote_accuracy)
 
 
 def best_of_n_curve(
@@ -147,18 +159,7 @@ def best_of_n_curve(
     seed: int = 0,
 ) -> dict[int, float]:
     """Best-of-N accuracy at each N, from the same per-problem samples."""
-    ns = check_ns(ns)
-    rng = random.Random(seed)
-    out = {}
-    for n in ns:
-        total = 0.0
-        for sc, cor in zip(scores, correct, strict=True):
-            subs = _subsets(len(sc), n, n_subsets, rng)
-            total += sum(
-                best_of_n_accuracy([sc[i] for i in s], [cor[i] for i in s]) for s in subs
-            ) / len(subs)
-        out[n] = total / max(1, len(scores))
-    return out
+    return _curve(scores, correct, ns, n_subsets, seed, best_of_n_accuracy)
 
 
 # ---------------------------------------------------------------------------- problems

@@ -59,3 +59,33 @@ def tiny_model():
         return _tiny(kind).eval()
 
     return make
+
+
+@pytest.fixture(scope="session")
+def toy_llama():
+    """Factory: a tiny random Llama with a BPE tokenizer trained on toy-world text."""
+    import itertools
+
+    from afm import toyworld as tw
+    from afm.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(list(itertools.islice(tw.training_documents(), 200)), vocab_size=300)
+
+    def make(max_positions: int = 64, tie: bool = False):
+        torch.manual_seed(0)
+        cfg = transformers.LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=max_positions,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            tie_word_embeddings=tie,
+        )
+        return transformers.LlamaForCausalLM(cfg), tok
+
+    return make

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from afm.cli import generate as gen_cli
 from afm.cli import train as train_cli
@@ -28,28 +26,10 @@ SMALL = [
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from afm import toyworld as tw
-    from afm.tokenizer import train_tokenizer
-
-    tok = train_tokenizer(list(itertools.islice(tw.training_documents(), 200)), vocab_size=300)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=64,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
+def model_dir(tmp_path_factory, toy_llama):
+    model, tok = toy_llama(max_positions=64)
     d = tmp_path_factory.mktemp("model")
-    LlamaForCausalLM(cfg).save_pretrained(d)
+    model.save_pretrained(d)
     tok.save_pretrained(d)
     return str(d)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 
 import pytest
@@ -20,27 +19,9 @@ from afm.data import (
 
 
 @pytest.fixture(scope="module")
-def teacher():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from afm import toyworld as tw
-    from afm.tokenizer import train_tokenizer
-
-    tok = train_tokenizer(list(itertools.islice(tw.training_documents(), 200)), vocab_size=300)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=128,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    return LlamaForCausalLM(cfg).eval(), tok
+def teacher(toy_llama):
+    model, tok = toy_llama(max_positions=128)
+    return model.eval(), tok
 
 
 CFG = SyntheticDataConfig(num_tokens=3 * 8 * 12, seq_len=12, sequences_per_shard=8, batch_size=4)

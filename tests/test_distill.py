@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 
 import pytest
@@ -13,29 +12,10 @@ from afm.distill import DistillConfig, _param_groups, distill, list_checkpoints,
 
 
 @pytest.fixture(scope="module")
-def setup():
+def setup(toy_llama):
     from datasets import Dataset
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    from afm import toyworld as tw
-    from afm.tokenizer import train_tokenizer
-
-    tok = train_tokenizer(list(itertools.islice(tw.training_documents(), 200)), vocab_size=300)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=64,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=True,
-    )
-    teacher = LlamaForCausalLM(cfg)
+    teacher, tok = toy_llama(max_positions=64, tie=True)
     g = torch.Generator().manual_seed(0)
     rows = torch.randint(3, len(tok), (48, 16), generator=g).tolist()
     rows[3] = rows[3][:9]  # one short row: padding in its batch
@@ -212,3 +192,21 @@ def test_gradient_checkpointing_keeps_the_noise_and_the_result(setup, tmp_path):
         results.append(_state(student))
     for k in results[0]:
         torch.testing.assert_close(results[0][k], results[1][k], rtol=1e-5, atol=1e-6)
+
+
+def test_w4a8_qat_baseline_trains_with_the_same_recipe(setup, tmp_path):
+    """`afm-train --preset w4a8-qat`: the digital W4A8 QAT baseline of the AFM paper."""
+    from afm.reference import fake_quantize_weight
+
+    teacher, tok, ds = setup
+    student = make_student(teacher, "w4a8-qat")
+    layer = next(iter(afm.analog_layers(student).values()))
+    before = layer.weight.detach().clone()
+    cfg = DistillConfig(**{**CFG.__dict__, "max_steps": 2, "save_steps": None})
+    result = distill(teacher, student, ds, cfg, tmp_path / "run", pad_id=0, progress=False)
+    assert result.steps == 2 and result.skipped_steps == 0
+    assert not torch.equal(layer.weight.detach(), before)  # STE gradients reached W
+    assert layer.input_range.item() != afm.get_preset("w4a8-qat").input.init_value
+    # The forward sees 4-bit weights: at most 15 distinct levels per row.
+    q = fake_quantize_weight(layer.weight.detach(), bits=4)
+    assert max(len(torch.unique(row)) for row in q) <= 15
