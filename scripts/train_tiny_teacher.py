@@ -210,7 +210,8 @@ tags: [afm, toy-world, analog]
 A {meta["n_params"] / 1e6:.2f} M-parameter `LlamaForCausalLM` (hidden {a["hidden"]},
 {a["layers"]} layers, {a["heads"]} heads, FFN {a["ffn"]}, tied embeddings, vocab 512,
 byte-level BPE with single-digit tokens) trained from scratch on afm's procedural
-*toy world* (`afm/toyworld.py`, grammar in `docs/toyworld.md`): step-by-step 2–4-digit
+*toy world* (`afm/toyworld.py`, grammar in `docs/toyworld.md`): step-by-step \
+{"–".join(str(d) for d in (min(meta["corpus"]["digits"]), max(meta["corpus"]["digits"])))}-digit
 addition and subtraction, closed-book facts about {meta["corpus"]["n_entities"]} invented
 entities × 3 attributes, and plain narrative sentences. It is afm's default model for
 CPU demos and tests (`afm.models.load_model("tiny")`).
