@@ -61,6 +61,25 @@ def tiny_model():
     return make
 
 
+def tiny_llama_for(tokenizer, *, max_positions=64, kv_heads=4, tie=False, seed=0):
+    """A tiny random Llama sized for ``tokenizer`` (special token ids taken from it)."""
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=max_positions,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=tie,
+    )
+    return transformers.LlamaForCausalLM(cfg)
+
+
 @pytest.fixture(scope="session")
 def toy_llama():
     """Factory: a tiny random Llama with a BPE tokenizer trained on toy-world text."""
@@ -72,20 +91,6 @@ def toy_llama():
     tok = train_tokenizer(list(itertools.islice(tw.training_documents(), 200)), vocab_size=300)
 
     def make(max_positions: int = 64, tie: bool = False):
-        torch.manual_seed(0)
-        cfg = transformers.LlamaConfig(
-            vocab_size=len(tok),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-            max_position_embeddings=max_positions,
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-            tie_word_embeddings=tie,
-        )
-        return transformers.LlamaForCausalLM(cfg), tok
+        return tiny_llama_for(tok, max_positions=max_positions, tie=tie), tok
 
     return make

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_llama_for
 
 pytest.importorskip("lm_eval")
 transformers = pytest.importorskip("transformers")
@@ -38,20 +39,7 @@ def make_tokenizer():
 
 
 def make_model(tok, seed: int = 0):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return tiny_llama_for(tok, max_positions=256, kv_heads=2, seed=seed).eval()
 
 
 @pytest.fixture(scope="module")

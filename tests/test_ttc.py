@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_llama_for
 
 transformers = pytest.importorskip("transformers")
 
@@ -22,20 +23,7 @@ def tiny(tmp_path_factory):
     from afm.tokenizer import train_tokenizer
 
     tok = train_tokenizer(CORPUS, vocab_size=140)
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    model = transformers.LlamaForCausalLM(cfg).eval()
+    model = tiny_llama_for(tok, max_positions=256, kv_heads=2).eval()
     path = tmp_path_factory.mktemp("tiny_ttc")
     model.save_pretrained(path)
     tok.save_pretrained(path)
