@@ -22,6 +22,10 @@ Clipping per engine (no engine source is patched):
 * DeepSpeed ZeRO 1/2/3: after the engine's step, ``deepspeed.utils.
   safe_get_full_fp32_param`` → clip → ``safe_set_full_fp32_param`` on the
   master copy, then the low-precision copy is refreshed from it.
+
+FSDP and ZeRO-3 shard the student's parameters in place, so after training the
+module passed in holds shards; :class:`DistillResult` ``.model`` is the whole
+trained student (gathered onto the main process) — save that one.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from afm.calibration import calibrate_input_ranges_
 from afm.clipping import clip_weights_, register_clip_hook
 from afm.config import AnalogConfig
 from afm.data import pad_collate
+from afm.engine_state import full_parameters, shards_parameters
 from afm.hf import attach_quantization_config
 from afm.kd_loss import causal_lm_labels, kd_loss
 from afm.patch import analog_layers, convert
@@ -165,6 +170,10 @@ class DistillResult:
     resumed_from: int | None
     final_loss: float | None
     log: list[dict[str, Any]] = field(default_factory=list)
+    # The trained student, whole: the module passed in (single device, DDP, ZeRO-1/2), or
+    # under engines that shard parameters (FSDP, ZeRO-3) a copy rebuilt from the gathered
+    # full state dict on the main process (``None`` on the other ranks).
+    model: nn.Module | None = None
 
 
 # --------------------------------------------------------------------------- model set-up
@@ -250,7 +259,61 @@ class _Order:
         return out
 
 
+# --------------------------------------------------------------------------- sharding engines
+
+
+def _skeleton(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` whose parameters live on the meta device (no memory).
+
+    Taken before the engine wraps the student, it keeps the structure, the analog
+    configs, buffers and tied parameters; :func:`_rebuild` fills it with trained values.
+    """
+    memo: dict[int, Any] = {}
+    for p in module.parameters():
+        memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad)
+    return copy.deepcopy(module, memo)
+
+
+def _rebuild(skeleton: nn.Module, params: dict[str, torch.Tensor]) -> nn.Module:
+    """Materialise ``skeleton``'s parameters from whole trained values (ties preserved)."""
+    new: dict[int, nn.Parameter] = {}
+    for mod in skeleton.modules():
+        for name, p in list(mod._parameters.items()):
+            if p is None:
+                continue
+            if id(p) not in new:
+                new[id(p)] = nn.Parameter(torch.empty_like(p, device="cpu"), p.requires_grad)
+            mod._parameters[name] = new[id(p)]
+    own = dict(skeleton.named_parameters())  # tied parameters once, as in ``params``
+    if own.keys() != params.keys():
+        raise RuntimeError(
+            "gathered parameters do not match the student: missing "
+            f"{sorted(own.keys() - params.keys())}, unexpected {sorted(params.keys() - own.keys())}"
+        )
+    with torch.no_grad():
+        for name, p in own.items():
+            p.copy_(params[name])
+    return skeleton
+
+
 # --------------------------------------------------------------------------- clipping
+
+
+def _refresh_forward_copy(weight: nn.Parameter, master: torch.Tensor) -> None:
+    """Copy the clipped master into the parameter the forward reads (DeepSpeed).
+
+    ``safe_set_full_fp32_param`` only writes the optimizer's fp32 partition; the
+    forward reads the (low-precision) parameter, which DeepSpeed refreshes from the
+    master only at the next step — without this the forward would see every clip one
+    step late and the final weights would be unclipped.
+    """
+    if hasattr(weight, "ds_id"):  # ZeRO-3: gather, overwrite, re-partition
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([weight], modifier_rank=0):
+            weight.data.copy_(master.view_as(weight))
+    elif weight.numel() == master.numel():  # ZeRO-1/2: full parameter on every rank
+        weight.data.copy_(master.view_as(weight))
 
 
 def _clip_master_fn(accelerator: Any, model: nn.Module, optimizer: Any):
@@ -272,9 +335,8 @@ def _clip_master_fn(accelerator: Any, model: nn.Module, optimizer: Any):
                 if master is None:
                     continue
                 clip_weight_(master, clip.kind, clip.sigma)
-                safe_set_full_fp32_param(layer.weight, master)
-                if layer.weight.numel() == master.numel():  # ZeRO-1/2: refresh the lp copy
-                    layer.weight.data.copy_(master.view_as(layer.weight))
+                safe_set_full_fp32_param(layer.weight, master)  # the optimizer's copy
+                _refresh_forward_copy(layer.weight, master)
 
         return clip_ds, None
     if dt == DistributedType.FSDP:
@@ -330,7 +392,9 @@ def distill(
     Checkpoints go to ``output_dir/checkpoints``; with ``resume`` the latest one is
     loaded first (same config and dataset size required) and the run continues the
     same trajectory.  ``max_steps_this_run`` stops early (time-sliced jobs, tests).
-    The student is trained in place; save it with :func:`save_student`.
+    The student is trained in place (single device, DDP, ZeRO-1/2); under FSDP / ZeRO-3
+    use ``result.model``, the whole student gathered onto the main process.  Save it
+    with :func:`save_student`.
     """
     from transformers import get_polynomial_decay_schedule_with_warmup
 
@@ -402,6 +466,7 @@ def distill(
         lr_end=cfg.lr_end,
         power=cfg.lr_power,
     )
+    skeleton = _skeleton(student) if shards_parameters(acc) else None
     model, optimizer = acc.prepare(student, optimizer)
     clip_after_step, clip_handle = _clip_master_fn(acc, model, optimizer)
 
@@ -537,15 +602,25 @@ def distill(
         if clip_handle is not None:
             clip_handle.remove()
     acc.wait_for_everyone()
-    student = acc.unwrap_model(model)
-    if cfg.gradient_checkpointing:
-        disable = getattr(student, "activation_checkpointing_disable", None) or (
-            student.gradient_checkpointing_disable
-        )
-        disable()
-    student.eval()
+    if skeleton is not None:
+        full = full_parameters(acc, model)  # collective: every rank takes part
+        trained = _rebuild(skeleton, full) if acc.is_main_process else None
+    else:
+        trained = acc.unwrap_model(model)
+    if trained is not None:
+        if cfg.gradient_checkpointing:
+            disable = getattr(trained, "activation_checkpointing_disable", None) or (
+                trained.gradient_checkpointing_disable
+            )
+            disable()
+        trained.eval()
     return DistillResult(
-        steps=end, skipped_steps=skipped, resumed_from=resumed_from, final_loss=last_loss, log=log
+        steps=end,
+        skipped_steps=skipped,
+        resumed_from=resumed_from,
+        final_loss=last_loss,
+        log=log,
+        model=trained,
     )
 
 

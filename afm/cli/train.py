@@ -159,6 +159,7 @@ def run(cfg: Any, *, progress: bool = True) -> int:
         resume=True,
         progress=progress,
     )
+    student = result.model  # whole on the main process, also under FSDP / ZeRO-3
     if acc.is_main_process:
         save_student(student, out)
         tokenizer.save_pretrained(out)
