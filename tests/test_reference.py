@@ -301,6 +301,19 @@ def test_clip_weight_per_channel_and_per_layer():
     assert c2.abs().max().item() == pytest.approx(3.0 * w.std().item())
 
 
+def test_clip_weight_fast_row_std_matches_torch_std_and_keeps_dtype():
+    torch.manual_seed(0)
+    w = torch.randn(7, 333) * 0.02 + 5.0  # a large row mean: the two-pass std stays exact
+    bound = 2.0 * w.std(dim=1, keepdim=True)
+    c = ref.clip_weight_(w.clone(), ClipKind.GAUSSIAN_PER_CHANNEL, 2.0)
+    torch.testing.assert_close(c, torch.clamp(w, -bound, bound), rtol=0, atol=1e-6)
+    wb = w.to(torch.bfloat16)
+    cb = ref.clip_weight_(wb.clone(), ClipKind.GAUSSIAN_PER_CHANNEL, 2.0)
+    assert cb.dtype == torch.bfloat16
+    bb = 2.0 * wb.float().std(dim=1, keepdim=True)
+    torch.testing.assert_close(cb, torch.clamp(wb.float(), -bb, bb).to(torch.bfloat16))
+
+
 def test_init_range_update_running_mean():
     x1, x2 = torch.randn(1000) * 2, torch.randn(1000) * 4
     r = torch.tensor(3.0)
