@@ -402,6 +402,11 @@ def distill(
     if not analog_layers(student):
         raise ValueError("the student has no AnalogLinear layers: use make_student / afm.convert")
     acc = accelerator if accelerator is not None else make_accelerator(cfg)
+    if getattr(acc, "is_fsdp2", False):
+        raise ValueError(
+            "FSDP2 (fsdp_version: 2) is not supported: clipping and checkpoints use FSDP v1 "
+            "APIs; set fsdp_version: 1 (configs/accelerate/fsdp-multinode.yaml)"
+        )
     rank, world = acc.process_index, acc.num_processes
     out = Path(output_dir)
     ckpt_root = out / "checkpoints"

@@ -46,8 +46,8 @@ class Scale:
     calib: str = ""  # extra ModelSpec keys, e.g. ",calib_steps=2"
     sweep_scales: str = "0,1,2,3,4,6"
     drift_times: str = "0s,1h,1d,1w,1mo,1y,10y"
-    lora_args: tuple[str, ...] = ("--steps", "300", "--noise-seeds", "5")
-    ttc_args: tuple[str, ...] = ("--limit", "40", "--spread", "--max-n", "64", "--seeds", "2")
+    lora_args: tuple[str, ...] = ("--steps", "800", "--noise-seeds", "5")
+    ttc_args: tuple[str, ...] = ("--limit", "50", "--spread", "--max-n", "64", "--seeds", "5")
     stress_scale: float = 3.0
     threads: tuple[str, ...] = ("--threads", "1")
 
@@ -63,7 +63,7 @@ def make_scale(scale: str, mini: bool) -> Scale:
             },
             eval_tasks=("--suite", "afm_paper"),
             lora_args=("--steps", "300", "--noise-seeds", "5"),
-            ttc_args=("--tasks", "gsm8k", "--max-n", "64", "--seeds", "2"),
+            ttc_args=("--tasks", "gsm8k", "--max-n", "64", "--seeds", "5"),
             stress_scale=1.0,
             threads=("--device", "cuda"),
         )
@@ -495,6 +495,102 @@ def _lora_table(meta: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _curves(stage_dir: Path, keep: Callable[[dict[str, Any]], bool]) -> dict[str, dict]:
+    """``{task: {label: [(x, mean, std)]}}`` from every afm-eval JSON of a stage."""
+    out: dict[str, dict[str, list]] = {}
+    for js in sorted(stage_dir.glob("*.json")):
+        if js.name == "stage.json":
+            continue
+        rep = json.loads(js.read_text())
+        for r in rep.get("rows", []):
+            if r.get("x") is None or not keep(r):
+                continue
+            out.setdefault(r["task"], {}).setdefault(r["model"], []).append(
+                (r["x"], r["mean"], r["std"])
+            )
+    return out
+
+
+def _overlay(curves: dict[str, dict], task: str, xlabel: str, title: str, png: Path) -> str:
+    """One plot with every model's curve for ``task`` + the markdown table of it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = curves.get(task, {})
+    xs = sorted({x for pts in lines.values() for x, _, _ in pts})
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for label, pts in sorted(lines.items()):
+        pts = sorted(pts)
+        ax.errorbar(
+            [p[0] for p in pts],
+            [100 * p[1] for p in pts],
+            yerr=[100 * p[2] for p in pts],
+            marker="o",
+            capsize=3,
+            label=label,
+        )
+    if xlabel == "N":
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(f"{task} accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    head = "| model | " + " | ".join(f"{xlabel}={x:g}" for x in xs) + " |"
+    rows = [head, "|---" * (len(xs) + 1) + "|"]
+    for label, pts in sorted(lines.items()):
+        by_x = {x: (m, sd) for x, m, sd in pts}
+        cells = [
+            f"{100 * by_x[x][0]:.1f} ± {100 * by_x[x][1]:.1f}" if x in by_x else "–" for x in xs
+        ]
+        rows.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def _summary(out: Path, stages: list[Stage]) -> list[str]:
+    """Side-by-side robustness and test-time-compute curves of all models (arithmetic)."""
+    md: list[str] = []
+    for stage in stages:
+        sdir = out / "stages" / stage.name
+        if stage.name.endswith("robustness") and sdir.is_dir():
+            curves = _curves(sdir, lambda r: True)
+            png = f"summary-{stage.name}.png"
+            table = _overlay(
+                curves, "toyworld_arith", "PCM noise scale", "accuracy vs noise", out / png
+            )
+            md += [
+                f"### Robustness, all models ({stage.name}; 5 seeds per point)",
+                "",
+                table,
+                "",
+                f"![robustness, all models]({png})",
+                "",
+            ]
+        if stage.name.endswith("ttc") and sdir.is_dir():
+
+            def noisy_majority(r: dict[str, Any]) -> bool:
+                p = r.get("params", {})
+                return p.get("method") == "majority" and p.get("condition", "fp") != "fp"
+
+            curves = _curves(sdir, noisy_majority)
+            png = f"summary-{stage.name}.png"
+            table = _overlay(curves, "toyworld_arith", "N", "majority vote under noise", out / png)
+            md += [
+                f"### Test-time compute, all models ({stage.name}; majority vote under noise)",
+                "",
+                table,
+                "",
+                f"![majority vote vs N, all models]({png})",
+                "",
+            ]
+    return (["## Summary (toyworld arithmetic)", "", *md]) if md else []
+
+
 def write_report(
     out: Path, stages: list[Stage], records: dict[str, dict[str, Any]], meta: dict[str, Any]
 ) -> tuple[Path, Path]:
@@ -503,11 +599,26 @@ def write_report(
         f"# afm reproduction report ({meta['scale']}{', mini' if meta['mini'] else ''})",
         "",
         "Made by `scripts/reproduce.py`. Cells are accuracy in % (mean ± sample std over "
-        "noise seeds) unless stated. Every stage's commands and input hash are in "
-        "`report.json` and `stages/<name>/stage.json`.",
+        "noise seeds) unless stated. Every stage's commands, input hash and full results "
+        "(all per-seed scores) are in `report.json` (paths under the output directory "
+        "written as `<out>`); a local run also keeps `stages/<name>/stage.json`.",
         "",
     ]
     data: dict[str, Any] = {**meta, "stages": {}}
+    total = sum(records[st.name].get("seconds") or 0.0 for st in stages)
+    md += [
+        "Stage times as recorded when each stage last ran (a stage whose inputs did not",
+        "change is reused, not re-run):",
+        "",
+        "| stage | seconds |",
+        "|---|---|",
+        *(f"| {st.name} | {records[st.name].get('seconds') or 0.0:.0f} |" for st in stages),
+        f"| **total** | **{total:.0f}** ({total / 60:.1f} min) |",
+        "",
+    ]
+    data["stage_seconds_total"] = round(total, 1)
+    if not meta["mini"]:
+        md += _summary(out, stages)
     for stage in stages:
         rec = records[stage.name]
         sdir = out / "stages" / stage.name
@@ -556,7 +667,9 @@ def write_report(
     report_md = out / "report.md"
     report_json = out / "report.json"
     report_md.write_text("\n".join(md).rstrip() + "\n")
-    report_json.write_text(json.dumps(data, indent=2) + "\n")
+    text = json.dumps(data, indent=2).replace(str(out), OUT_TOKEN)
+    text = text.replace(str(Path(__file__).resolve().parents[1]) + "/", "")  # repo-relative
+    report_json.write_text(text + "\n")
     return report_md, report_json
 
 

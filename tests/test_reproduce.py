@@ -85,3 +85,42 @@ def test_mini_pipeline_end_to_end_and_resume(
     assert all(again["stages"][n]["skipped"] is True for n in names)
     assert log.count("inputs unchanged, skipped") == len(names)
     assert again["stages"]["students"]["input_hash"] == report["stages"]["students"]["input_hash"]
+
+
+def test_summary_overlays_every_model_of_the_curve_stages(tmp_path: Path) -> None:
+    rp = _load()
+
+    def row(model, x, mean, std, **params):  # noqa: ANN001, ANN202
+        return {
+            "model": model,
+            "task": "toyworld_arith",
+            "x": x,
+            "mean": mean,
+            "std": std,
+            "params": params,
+        }
+
+    rob = tmp_path / "stages" / "robustness"
+    rob.mkdir(parents=True)
+    (rob / "stage.json").write_text("{}")
+    for name, base in (("teacher", 0.9), ("afm", 0.95)):
+        rows = [row(name, None, base, 0.0)]  # the fp row has no x: not a curve point
+        rows += [row(name, float(s), base - 0.1 * s, 0.01) for s in (0, 3)]
+        (rob / f"{name}.json").write_text(json.dumps({"rows": rows}))
+    ttc = tmp_path / "stages" / "ttc"
+    ttc.mkdir(parents=True)
+    rows = [
+        row("t [majority]", 1.0, 0.5, 0.0, method="majority", condition="fp"),
+        row("t pcm [majority]", 1.0, 0.4, 0.1, method="majority", condition="pcm"),
+        row("t pcm [majority]", 4.0, 0.6, 0.1, method="majority", condition="pcm"),
+        row("t pcm [best-of-n]", 4.0, 0.9, 0.1, method="best-of-n", condition="pcm"),
+    ]
+    (ttc / "t.json").write_text(json.dumps({"rows": rows}))
+    stages = [rp.Stage("robustness", []), rp.Stage("ttc", []), rp.Stage("lora", [])]
+    md = "\n".join(rp._summary(tmp_path, stages))
+    assert "| afm | 95.0 ± 1.0 | 65.0 ± 1.0 |" in md
+    assert "| teacher | 90.0 ± 1.0 | 60.0 ± 1.0 |" in md
+    assert "| t pcm [majority] | 40.0 ± 10.0 | 60.0 ± 10.0 |" in md
+    assert "[best-of-n]" not in md and "| t [majority]" not in md  # noisy majority only
+    assert (tmp_path / "summary-robustness.png").stat().st_size > 0
+    assert (tmp_path / "summary-ttc.png").stat().st_size > 0
