@@ -1,4 +1,6 @@
-"""FSDP (v1) and DeepSpeed ZeRO-2 / ZeRO-3 on 2 CPU processes (gloo via torchrun).
+"""DDP, FSDP (v1) and DeepSpeed ZeRO-2 / ZeRO-3 on 2 CPU processes (gloo via torchrun).
+
+DDP: both ranks end with bit-identical weights and learned input ranges, clipped.
 
 accelerate offers FSDP and DeepSpeed only on accelerators, so the worker switches
 a CPU ``Accelerator`` to the engine by hand (test-only): ``prepare`` then wraps the
@@ -13,14 +15,11 @@ with ``from_pretrained``.
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
+from torchrun_util import run_two_ranks
 
 WORKER = textwrap.dedent(
     """
@@ -95,39 +94,19 @@ WORKER = textwrap.dedent(
             "whole": res.model is not None}
     if res.model is not None:
         info["master_dtypes"] = sorted({str(p.dtype) for p in res.model.parameters()})
-        save_student(res.model, f"{out}/final")
+        from safetensors.torch import save_file
+        save_file({k: v.detach().clone().contiguous() for k, v in res.model.state_dict().items()},
+                  f"{out}/rank{r}.safetensors")  # every rank that holds the whole student
+        if acc.is_main_process:
+            save_student(res.model, f"{out}/final")
     with open(f"{out}/rank{r}.json", "w") as f:
         json.dump(info, f)
     """
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(script, out, mode: str, this_run: int = 0, mixed: str = "no") -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(_free_port()),
-        str(script),
-        str(out),
-        mode,
-        str(this_run),
-        mixed,
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_two_ranks(script, str(out), mode, str(this_run), mixed)
 
 
 def _final(out):
@@ -188,6 +167,23 @@ def _check_engine(script, root, ddp, mode: str, *, atol: float) -> dict:
     for k in state:
         torch.testing.assert_close(again[k], state[k], rtol=0, atol=1e-6, msg=k)
     return state
+
+
+@pytest.mark.slow
+def test_ddp_ranks_end_identical_and_clipped(engine_runs):
+    from safetensors.torch import load_file
+
+    _, root, ddp = engine_runs
+    infos = _infos(root / "ddp")
+    assert all(i["world"] == 2 and "MULTI_CPU" in i["type"] and i["steps"] == 4 for i in infos)
+    s0, s1 = (load_file(str(root / "ddp" / f"rank{r}.safetensors")) for r in (0, 1))
+    assert s0.keys() == s1.keys()
+    assert [k for k in s0 if k.endswith("input_range")]
+    for k in s0:  # weights and learned input ranges bit-identical across ranks
+        assert torch.equal(s0[k], s1[k]), k
+    _assert_clipped(s0)
+    for k in ddp:  # and the saved checkpoint is what rank 0 held
+        torch.testing.assert_close(ddp[k], s0[k], rtol=0, atol=0, msg=k)
 
 
 @pytest.mark.slow
