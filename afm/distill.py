@@ -23,9 +23,10 @@ Clipping per engine (no engine source is patched):
   safe_get_full_fp32_param`` → clip → ``safe_set_full_fp32_param`` on the
   master copy, then the low-precision copy is refreshed from it.
 
-FSDP and ZeRO-3 shard the student's parameters in place, so after training the
-module passed in holds shards; :class:`DistillResult` ``.model`` is the whole
-trained student (gathered onto the main process) — save that one.
+FSDP and ZeRO-3 shard the student's parameters in place, and DeepSpeed keeps the
+fp32 masters apart from the module's (fp16) parameters, so under those engines the
+module passed in is not the trained student: :class:`DistillResult` ``.model`` is,
+rebuilt on the main process from the fp32 masters — save that one.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from afm.calibration import calibrate_input_ranges_
 from afm.clipping import clip_weights_, register_clip_hook
 from afm.config import AnalogConfig
 from afm.data import pad_collate
-from afm.engine_state import full_parameters, shards_parameters
+from afm.engine_state import full_parameters, needs_gathered_copy
 from afm.hf import attach_quantization_config
 from afm.kd_loss import causal_lm_labels, kd_loss
 from afm.patch import analog_layers, convert
@@ -170,9 +171,9 @@ class DistillResult:
     resumed_from: int | None
     final_loss: float | None
     log: list[dict[str, Any]] = field(default_factory=list)
-    # The trained student, whole: the module passed in (single device, DDP, ZeRO-1/2), or
-    # under engines that shard parameters (FSDP, ZeRO-3) a copy rebuilt from the gathered
-    # full state dict on the main process (``None`` on the other ranks).
+    # The trained student, whole and in fp32: the module passed in (single device, DDP),
+    # or under FSDP / DeepSpeed a copy rebuilt on the main process from the gathered fp32
+    # master weights (``None`` on the other ranks).
     model: nn.Module | None = None
 
 
@@ -392,9 +393,9 @@ def distill(
     Checkpoints go to ``output_dir/checkpoints``; with ``resume`` the latest one is
     loaded first (same config and dataset size required) and the run continues the
     same trajectory.  ``max_steps_this_run`` stops early (time-sliced jobs, tests).
-    The student is trained in place (single device, DDP, ZeRO-1/2); under FSDP / ZeRO-3
-    use ``result.model``, the whole student gathered onto the main process.  Save it
-    with :func:`save_student`.
+    The student is trained in place (single device, DDP); under FSDP / DeepSpeed use
+    ``result.model``, the whole fp32 student gathered onto the main process.  Either
+    way ``result.model`` is the one to save with :func:`save_student`.
     """
     from transformers import get_polynomial_decay_schedule_with_warmup
 
@@ -471,7 +472,7 @@ def distill(
         lr_end=cfg.lr_end,
         power=cfg.lr_power,
     )
-    skeleton = _skeleton(student) if shards_parameters(acc) else None
+    skeleton = _skeleton(student) if needs_gathered_copy(acc) else None
     model, optimizer = acc.prepare(student, optimizer)
     clip_after_step, clip_handle = _clip_master_fn(acc, model, optimizer)
 

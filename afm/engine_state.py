@@ -1,7 +1,8 @@
-"""Whole (unsharded) state of a student trained under a sharding engine.
+"""Whole (unsharded, fp32) state of a student trained under FSDP or DeepSpeed.
 
-FSDP (v1) and DeepSpeed ZeRO-3 split every parameter across ranks; checkpoints
-and the final model need the whole thing.  These helpers are collective calls:
+FSDP (v1) and DeepSpeed ZeRO-3 split every parameter across ranks, and DeepSpeed
+keeps the fp32 masters apart from the module's (fp16/bf16) parameters; checkpoints
+and the final model need the whole fp32 thing.  These helpers are collective calls:
 every rank must make them, the result lands on the main process.
 """
 
@@ -12,20 +13,16 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["fsdp_full_state_dict_type", "full_parameters", "shards_parameters"]
+__all__ = ["fsdp_full_state_dict_type", "full_parameters", "needs_gathered_copy"]
 
 
-def shards_parameters(accelerator: Any) -> bool:
-    """True under engines that replace the student's parameters by shards (FSDP, ZeRO-3)."""
+def needs_gathered_copy(accelerator: Any) -> bool:
+    """True where the module passed to the engine does not end up holding the trained
+    fp32 weights: FSDP (shards), DeepSpeed (ZeRO-3 shards; every stage keeps the fp32
+    masters apart from module parameters that may be fp16/bf16)."""
     from accelerate.utils import DistributedType
 
-    dt = accelerator.distributed_type
-    if dt == DistributedType.FSDP:
-        return True
-    if dt == DistributedType.DEEPSPEED:
-        plugin = accelerator.state.deepspeed_plugin
-        return plugin is not None and plugin.zero_stage == 3
-    return False
+    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
 
 def fsdp_full_state_dict_type(accelerator: Any, model: nn.Module, *, rank0_only: bool):
