@@ -552,42 +552,42 @@ def _overlay(curves: dict[str, dict], task: str, xlabel: str, title: str, png: P
     return "\n".join(rows)
 
 
-def _summary(out: Path, stages: list[Stage]) -> list[str]:
+def _noisy_majority(row: dict[str, Any]) -> bool:
+    p = row.get("params", {})
+    return p.get("method") == "majority" and p.get("condition", "fp") != "fp"
+
+
+# stage-name suffix -> (rows kept, x axis, plot title, section heading, image alt text)
+_SUMMARIES: dict[str, tuple[Callable[[dict[str, Any]], bool], str, str, str, str]] = {
+    "robustness": (
+        lambda r: True,
+        "PCM noise scale",
+        "accuracy vs noise",
+        "Robustness, all models ({stage}; {seeds} seeds per point)",
+        "robustness, all models",
+    ),
+    "ttc": (
+        _noisy_majority,
+        "N",
+        "majority vote under noise",
+        "Test-time compute, all models ({stage}; majority vote under noise)",
+        "majority vote vs N, all models",
+    ),
+}
+
+
+def _summary(out: Path, stages: list[Stage], seeds: int) -> list[str]:
     """Side-by-side robustness and test-time-compute curves of all models (arithmetic)."""
     md: list[str] = []
     for stage in stages:
         sdir = out / "stages" / stage.name
-        if stage.name.endswith("robustness") and sdir.is_dir():
-            curves = _curves(sdir, lambda r: True)
+        for suffix, (keep, xlabel, title, heading, alt) in _SUMMARIES.items():
+            if not (stage.name.endswith(suffix) and sdir.is_dir()):
+                continue
             png = f"summary-{stage.name}.png"
-            table = _overlay(
-                curves, "toyworld_arith", "PCM noise scale", "accuracy vs noise", out / png
-            )
-            md += [
-                f"### Robustness, all models ({stage.name}; 5 seeds per point)",
-                "",
-                table,
-                "",
-                f"![robustness, all models]({png})",
-                "",
-            ]
-        if stage.name.endswith("ttc") and sdir.is_dir():
-
-            def noisy_majority(r: dict[str, Any]) -> bool:
-                p = r.get("params", {})
-                return p.get("method") == "majority" and p.get("condition", "fp") != "fp"
-
-            curves = _curves(sdir, noisy_majority)
-            png = f"summary-{stage.name}.png"
-            table = _overlay(curves, "toyworld_arith", "N", "majority vote under noise", out / png)
-            md += [
-                f"### Test-time compute, all models ({stage.name}; majority vote under noise)",
-                "",
-                table,
-                "",
-                f"![majority vote vs N, all models]({png})",
-                "",
-            ]
+            table = _overlay(_curves(sdir, keep), "toyworld_arith", xlabel, title, out / png)
+            head = heading.format(stage=stage.name, seeds=seeds)
+            md += [f"### {head}", "", table, "", f"![{alt}]({png})", ""]
     return (["## Summary (toyworld arithmetic)", "", *md]) if md else []
 
 
@@ -618,7 +618,7 @@ def write_report(
     ]
     data["stage_seconds_total"] = round(total, 1)
     if not meta["mini"]:
-        md += _summary(out, stages)
+        md += _summary(out, stages, meta["seeds"])
     for stage in stages:
         rec = records[stage.name]
         sdir = out / "stages" / stage.name

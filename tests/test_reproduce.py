@@ -117,7 +117,7 @@ def test_summary_overlays_every_model_of_the_curve_stages(tmp_path: Path) -> Non
     ]
     (ttc / "t.json").write_text(json.dumps({"rows": rows}))
     stages = [rp.Stage("robustness", []), rp.Stage("ttc", []), rp.Stage("lora", [])]
-    md = "\n".join(rp._summary(tmp_path, stages))
+    md = "\n".join(rp._summary(tmp_path, stages, seeds=5))
     assert "| afm | 95.0 ± 1.0 | 65.0 ± 1.0 |" in md
     assert "| teacher | 90.0 ± 1.0 | 60.0 ± 1.0 |" in md
     assert "| t pcm [majority] | 40.0 ± 10.0 | 60.0 ± 10.0 |" in md
