@@ -37,9 +37,10 @@ class ClipKind(str, Enum):
 class Backend(str, Enum):
     """Which implementation runs the analog forward."""
 
-    AUTO = "auto"  # triton for CUDA tensors when triton imports, else torch
+    AUTO = "auto"  # triton for CUDA tensors, numba on CPU, when they import; else torch
     TORCH = "torch"
     TRITON = "triton"
+    NUMBA = "numba"  # the torch path with its elementwise chains fused (CPU)
 
 
 def _fail(cls_name: str, name: str, value: Any, why: str) -> None:

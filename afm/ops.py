@@ -1,4 +1,5 @@
-"""Backend choice for the analog forward: torch reference or fused Triton kernels.
+"""Backend choice for the analog forward: torch reference, fused Triton kernels (CUDA)
+or the torch path with fused numba kernels for its elementwise chains (CPU).
 
 This is the only afm module that imports the kernels (lazily).  The backend is
 resolved once per layer and device type and logged once; nothing here reads
@@ -32,10 +33,29 @@ def triton_available() -> bool:
     return True
 
 
+@functools.cache
+def numba_available() -> bool:
+    """Whether the fused CPU kernels can be imported (checked once per process)."""
+    try:
+        from afm import numba_kernels as _  # noqa: F401
+    except Exception as exc:  # ImportError, or a numba/numpy version mismatch
+        logger.debug("numba backend unavailable: %s", exc)
+        return False
+    return True
+
+
 def resolve_backend(requested: Backend, device: torch.device) -> Backend:
-    """``auto`` → triton for CUDA tensors when the kernels import, else torch."""
+    """``auto`` → triton for CUDA tensors, numba for CPU tensors, when their kernels
+    import; else torch."""
     if requested is Backend.TORCH:
         return Backend.TORCH
+    if requested is Backend.NUMBA:
+        if not numba_available():
+            raise RuntimeError(
+                "backend='numba' was requested but numba cannot be imported; "
+                "install the extra: pip install 'afm[cpu]'"
+            )
+        return Backend.NUMBA
     if requested is Backend.TRITON:
         if not triton_available():
             raise RuntimeError(
@@ -45,6 +65,8 @@ def resolve_backend(requested: Backend, device: torch.device) -> Backend:
         return Backend.TRITON
     if device.type == "cuda" and triton_available():
         return Backend.TRITON
+    if device.type == "cpu" and numba_available():
+        return Backend.NUMBA
     return Backend.TORCH
 
 
@@ -65,7 +87,7 @@ def analog_linear(
     backend: Backend,
     abs_max: Tensor | None = None,
 ) -> Tensor:
-    """One call signature for both backends (the layer resolves ``backend`` once)."""
+    """One call signature for all backends (the layer resolves ``backend`` once)."""
     _log_choice(backend, x.device.type)
     if backend is Backend.TRITON:
         from afm.triton_kernels.analog_linear import triton_analog_linear
@@ -73,6 +95,19 @@ def analog_linear(
         return triton_analog_linear(
             x, weight, bias, input_range, config, training=training, seed=seed, abs_max=abs_max
         )
+    elementwise = reference.TorchElementwise
+    if backend is Backend.NUMBA:
+        from afm.numba_kernels import NumbaElementwise
+
+        elementwise = NumbaElementwise
     return reference.analog_linear(
-        x, weight, bias, input_range, config, training=training, seed=seed, abs_max=abs_max
+        x,
+        weight,
+        bias,
+        input_range,
+        config,
+        training=training,
+        seed=seed,
+        abs_max=abs_max,
+        elementwise=elementwise,
     )

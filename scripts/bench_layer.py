@@ -1,4 +1,5 @@
-"""AnalogLinear (afm-paper) vs nn.Linear vs aihwkit-lightning, CPU, one run, medians.
+"""AnalogLinear (afm-paper; torch and numba backends) vs nn.Linear vs aihwkit-lightning,
+CPU, one run, medians.
 
 Prints, per shape, the eval forward and train forward+backward times and their
 ratio to nn.Linear.  Run:  python scripts/bench_layer.py [--threads 2] [--reps 20]
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 import afm
+from afm import ops
 from afm.layers import AnalogLinear
 
 SHAPES = [
@@ -98,12 +100,16 @@ def main() -> None:
             output_noise=afm.OutputNoiseConfig(std=out_noise, per_channel=True),
         )
         lin = nn.Linear(k, n)
-        analog = AnalogLinear.from_linear(nn.Linear(k, n), config)
-        with torch.no_grad():
-            analog.weight.copy_(lin.weight)
-            analog.input_range.fill_(3.0)
         x = torch.randn(tokens, k)
-        layers = [("nn.Linear", lin), ("afm AnalogLinear", analog)]
+        layers = [("nn.Linear", lin)]
+        for backend in ("torch", "numba"):
+            if backend == "numba" and not ops.numba_available():
+                continue
+            analog = AnalogLinear.from_linear(nn.Linear(k, n), config.replace(backend=backend))
+            with torch.no_grad():
+                analog.weight.copy_(lin.weight)
+                analog.input_range.fill_(3.0)
+            layers.append((f"afm ({backend})", analog))
         light = lightning_layer(k, n, tiles, out_noise)
         if light is not None:
             layers.append(("aihwkit-lightning", light))

@@ -6,8 +6,10 @@
 
 1. Time per optimizer step (teacher forward + student forward/backward + KD loss +
    AdamW + clipping) of AFM distillation (student converted with ``afm-paper``:
-   8-bit inputs/outputs, learned ranges, 3 % weight noise, clipping) vs plain KD
-   into a digital student; same model, same batch.  Goal: AFM ≤ 1.3× plain KD.
+   8-bit inputs/outputs, learned ranges, 3 % weight noise, clipping; the default
+   backend, i.e. the fused numba kernels on CPU when numba is installed, or the one
+   ``--backend`` names) vs plain KD into a digital student; same model, same batch.
+   Goal: AFM ≤ 1.3× plain KD.
 2. Peak memory allocated by the KD loss (forward + backward) vs the naive fp32
    loss, measured with ``torch.profiler`` memory events (allocations made inside
    the loss only; the logits themselves exist before).
@@ -97,21 +99,23 @@ def time_pair(teacher, plain, analog, ids, steps: int, warmup: int = 2) -> tuple
     return statistics.median(ta), statistics.median(tb)
 
 
-def bench_step(name: str, teacher, batch: int, seq: int, steps: int) -> None:
+def bench_step(name: str, teacher, batch: int, seq: int, steps: int, backend: str) -> None:
     vocab = teacher.config.vocab_size
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (batch, seq), generator=g)
     plain = copy.deepcopy(teacher)
     for p in plain.parameters():
         p.requires_grad_(True)
-    analog = make_student(teacher, "afm-paper")
+    analog = make_student(teacher, afm.get_preset("afm-paper").replace(backend=backend))
+    layer = next(iter(afm.analog_layers(analog).values()))
+    resolved = layer.backend_for(torch.device("cpu")).value
     t_plain, t_afm = time_pair(teacher, plain, analog, ids, steps)
     n_params = sum(p.numel() for p in teacher.parameters()) / 1e6
     print(
         f"[step] {name}: {n_params:.1f} M params, batch {batch} x {seq} tokens, "
         f"{torch.get_num_threads()} threads\n"
         f"       plain KD (digital student): {1e3 * t_plain:8.1f} ms/step\n"
-        f"       AFM distillation (afm-paper): {1e3 * t_afm:6.1f} ms/step\n"
+        f"       AFM distillation (afm-paper, backend {resolved}): {1e3 * t_afm:6.1f} ms/step\n"
         f"       ratio AFM / plain KD: {t_afm / t_plain:.2f}x (goal <= 1.3x)"
     )
 
@@ -152,14 +156,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--backend", choices=["auto", "torch", "numba"], default="auto")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     steps = args.steps or (3 if args.quick else 8)
     tiny, tiny_name = _tiny()
-    bench_step(tiny_name, tiny, 16, 128, steps)
+    bench_step(tiny_name, tiny, 16, 128, steps, args.backend)
     big = _random_llama(512, 6, 1536, 8192, heads=8)
-    bench_step("random Llama (512/6/1536, vocab 8192)", big, 4, 256, steps)
+    bench_step("random Llama (512/6/1536, vocab 8192)", big, 4, 256, steps, args.backend)
     if args.quick:
         bench_loss_memory(1024, 8192, 256)
     else:

@@ -112,7 +112,7 @@ def test_nothing_is_pickled(tiny_model, tmp_path):
 
 def test_import_afm_is_light():
     code = (
-        "import sys, afm; bad = [m for m in ('triton', 'peft', 'lm_eval', 'vllm') "
+        "import sys, afm; bad = [m for m in ('triton', 'peft', 'lm_eval', 'vllm', 'numba') "
         "if m in sys.modules]; print(bad)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -108,7 +108,17 @@ def test_ideal_config_is_nn_linear():
     assert torch.equal(out, lin(x))
 
 
-def test_gradients_follow_the_spec():
+def _elementwise_chains():
+    chains = [ref.TorchElementwise]
+    try:
+        from afm.numba_kernels import NumbaElementwise
+    except ImportError:  # numba is an optional extra; tests/test_numba_kernels.py skips too
+        return chains
+    return chains + [NumbaElementwise]
+
+
+@pytest.mark.parametrize("elementwise", _elementwise_chains(), ids=lambda c: c.__name__)
+def test_gradients_follow_the_spec(elementwise):
     torch.manual_seed(0)
     config = cfg(
         max_input_size=6,
@@ -119,7 +129,7 @@ def test_gradients_follow_the_spec():
     w = torch.randn(4, 12).requires_grad_()
     b = torch.randn(4).requires_grad_()
     r = torch.tensor([1.0, 0.8]).requires_grad_()
-    out = ref.analog_linear(x, w, b, r, config, training=False)
+    out = ref.analog_linear(x, w, b, r, config, training=False, elementwise=elementwise)
     g = torch.randn_like(out)
     out.backward(g)
 
@@ -161,6 +171,34 @@ def test_gradients_follow_the_spec():
             >= 2.0 * r[0].detach() * w.detach()[:, :6].abs().amax(1) * 0.999
         ).flatten()
     )
+
+
+def test_row_blocks_change_nothing_but_the_range_sum_order(monkeypatch):
+    # The torch chains run over row blocks on CPU; tiny blocks must give the same layer.
+    config = cfg(max_input_size=40, input=InputQuantConfig(bits=8, decay=0.01))
+    results = []
+    for block in (1 << 30, 37):
+        monkeypatch.setattr(ref, "_BLOCK_ELEMENTS", block)
+        assert len(ref._row_blocks(60, 40, torch.device("cpu"))) == (1 if block > 2400 else 60)
+        torch.manual_seed(0)
+        x = (torch.randn(60, 100) * 1.5).requires_grad_()
+        w = torch.randn(24, 100).requires_grad_()
+        r = torch.tensor([1.0, 0.8, 1.2]).requires_grad_()
+        out = ref.analog_linear(x, w, None, r, config, training=True, seed=5)
+        out.backward(torch.randn(60, 24, generator=torch.Generator().manual_seed(1)))
+        results.append((out.detach(), x.grad, w.grad, r.grad))
+    for got, want in zip(results[1][:3], results[0][:3], strict=True):
+        assert torch.equal(got, want)
+    torch.testing.assert_close(results[1][3], results[0][3], rtol=1e-6, atol=1e-5)
+
+
+def test_clip_sign_is_exact_at_the_range_edges():
+    r = torch.tensor(0.75)
+    below = torch.nextafter(r, torch.tensor(0.0)).item()
+    x = torch.tensor([[0.75, -0.75, below, -below, 3.0, -3.0, 0.0, 0.1]])
+    xq, clip = ref.TorchElementwise.quantize_static_input(x, r, 2 * r / 254, save=True)
+    assert clip.tolist() == [[1, -1, 0, 0, 1, -1, 0, 0]]  # x ≥ r and x ≤ -r, not |x| > r
+    assert xq.tolist() == [[127.0, -127.0, 127.0, -127.0, 127.0, -127.0, 0.0, 17.0]]
 
 
 def test_input_range_decay_switches_on_when_little_clips():

@@ -1,0 +1,243 @@
+"""Fused CPU kernels (numba) for the elementwise steps of the torch reference.
+
+On CPU the analog layer's cost beyond ``nn.Linear`` is its elementwise chains —
+input clamp/round with the clip sign, the ADC round/clamp with its mask, and the
+two gradient maskings — each of which torch runs as several passes over the
+activations.  These kernels do each chain in one pass, parallel over rows.
+They implement exactly the functions of ``afm.reference`` that they replace
+(same signatures, see ``TorchElementwise``) and are tested against them
+(tests/test_numba_kernels.py); the matmuls, noise and autograd stay in the
+reference.  Only fp32 tensors take the fused path; anything else falls back to
+the torch steps.  Imported lazily by ``afm.ops`` (numba is an optional extra).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import torch
+from numba import njit
+from torch import Tensor
+
+from afm import reference
+
+__all__ = ["NumbaElementwise"]
+
+# Serial loops: LLVM vectorizes them (~0.25 ns per element, L2-resident), while
+# numba's parallel loops measured ~5x slower here, launch overhead included.
+_JIT = {"nogil": True, "cache": True}
+_SCRATCH = threading.local()
+
+
+def _scratch(shape: torch.Size) -> Tensor:
+    """A per-thread fp32 buffer of ``shape``, reused across calls.
+
+    Fresh multi-MB tensors cost a page fault per 4 KiB on first touch (glibc maps and
+    unmaps them); the ADC-masked gradient lives only inside one backward, so one
+    buffer per shape serves every layer.
+    """
+    cache = getattr(_SCRATCH, "buffers", None)
+    if cache is None:
+        cache = _SCRATCH.buffers = {}
+    buf = cache.get(shape)
+    if buf is None:
+        buf = cache[shape] = torch.empty(shape, dtype=torch.float32)
+    return buf
+
+
+# Loop bodies are branch-free apart from loop-invariant flags (unswitched by LLVM).
+@njit(**_JIT)
+def _input_kernel(x, bound, inv_unit, xq, clip, save):  # pragma: no cover - jitted
+    rows, cols = x.shape
+    for i in range(rows):
+        for j in range(cols):
+            v = x[i, j]
+            q = min(max(v, -bound), bound)
+            if save:
+                d = v - q
+                clip[i, j] = np.int8(d > 0) - np.int8(d < 0)
+            xq[i, j] = np.rint(q * inv_unit)
+
+
+@njit(**_JIT)
+def _adc_kernel(y, inv_step, scale, half, bias, acc, first, mask, save):  # pragma: no cover
+    # first: y ← bias + q·scale in place; else acc += q·scale (acc is not y).  Each
+    # unswitched loop touches one output array, so LLVM's alias checks pass.
+    rows, cols = y.shape
+    for i in range(rows):
+        for j in range(cols):
+            ys = np.rint(y[i, j] * inv_step[j])
+            yc = min(max(ys, -half), half)
+            if save:
+                mask[i, j] = ys != yc
+            if first:
+                y[i, j] = bias[j] + yc * scale[j]
+            else:
+                acc[i, j] = acc[i, j] + yc * scale[j]
+
+
+@njit(**_JIT)
+def _mask_kernel(grad, mask, out):  # pragma: no cover - jitted
+    rows, cols = grad.shape
+    for i in range(rows):
+        for j in range(cols):
+            out[i, j] = grad[i, j] * (1 - np.float32(mask[i, j]))
+
+
+@njit(**_JIT)
+def _remove_rows_(target, source, grad, flat, cols, by_row):  # pragma: no cover - jitted
+    # For each saturated output (i, j) = divmod(flat[k], cols) with gradient v = grad[i, j]:
+    # by_row: target[i] -= v·source[j] (input grad, source = W); else
+    # target[j] -= v·source[i] (weight grad, source = x_q).
+    width = target.shape[1]
+    for k in range(flat.shape[0]):
+        i = flat[k] // cols
+        j = flat[k] - i * cols
+        v = grad[i, j]
+        t, src = (i, j) if by_row else (j, i)
+        for c in range(width):
+            target[t, c] -= v * source[src, c]
+
+
+# Reassociation only for the sum (fp32 per row, vectorized; rows summed in fp64).
+@njit(nogil=True, cache=True, fastmath={"reassoc"})
+def _clip_grad_kernel(grad, clip):  # pragma: no cover - jitted
+    rows, cols = grad.shape
+    total = 0.0
+    count = 0
+    for i in range(rows):
+        row_total = np.float32(0.0)
+        row_count = 0
+        for j in range(cols):
+            c = np.float32(clip[i, j])
+            g = grad[i, j]
+            row_total += min(g * c, np.float32(0.0))
+            row_count += np.int64(c != 0)
+            grad[i, j] = g - c * (c * g)  # 0 exactly where clipped (c = ±1)
+        total += row_total
+        count += row_count
+    return total, count
+
+
+def _vector(t: Tensor, n: int) -> np.ndarray:
+    """A per-channel fp32 vector of length ``n`` from a [n] or 0-dim tensor."""
+    return np.ascontiguousarray(t.detach().float().expand(n).numpy())
+
+
+# A saturated output costs ~2·K multiply-adds to take back out of the two matmuls,
+# against ~1 ns per output for the dense masked copy of the gradient: the sparse path
+# is taken while saturated · K_in <= outputs · _SPARSE_FACTOR.
+_SPARSE_FACTOR = 0.5
+
+
+class Saturation:
+    """The ADC's saturation mask (bool, outputs past the bound) and how many there are."""
+
+    def __init__(self, mask: Tensor, count: int) -> None:
+        self.mask, self.count = mask, count
+
+
+class SparseADCGrad:
+    """The few saturated outputs of one tile, to take back out of ``g @ W`` and ``gᵀ x_q``.
+
+    Equivalent to zeroing them in ``g`` before both matmuls, up to fp32 rounding of the
+    removed products.
+    """
+
+    def __init__(self, grad: Tensor, flat: np.ndarray) -> None:
+        self.grad, self.flat = grad.detach().numpy(), flat
+
+    def remove_from_weight_grad_(self, grad_w: Tensor, x_q: Tensor) -> None:
+        cols = self.grad.shape[1]
+        _remove_rows_(grad_w.numpy(), x_q.numpy(), self.grad, self.flat, cols, False)
+
+    def remove_from_input_grad_(self, grad_x: Tensor, weight: Tensor) -> None:
+        cols = self.grad.shape[1]
+        _remove_rows_(grad_x.numpy(), weight.detach().numpy(), self.grad, self.flat, cols, True)
+
+
+class NumbaElementwise:
+    """Fused replacements for ``reference.TorchElementwise`` (fp32 CPU tensors)."""
+
+    @staticmethod
+    def quantize_static_input(
+        x: Tensor, r: Tensor, unit: Tensor | None, *, save: bool
+    ) -> tuple[Tensor, Tensor | None]:
+        if unit is None or x.dtype != torch.float32 or x.device.type != "cpu":
+            return reference.TorchElementwise.quantize_static_input(x, r, unit, save=save)
+        bound = np.float32(torch.nextafter(r, torch.zeros_like(r)).item())
+        inv_unit = np.float32((1.0 / unit).item())
+        xq = torch.empty(x.shape, dtype=torch.float32)
+        clip = torch.empty(x.shape if save else (0, 0), dtype=torch.int8)
+        _input_kernel(x.detach().numpy(), bound, inv_unit, xq.numpy(), clip.numpy(), save)
+        return xq, (clip if save else None)
+
+    @staticmethod
+    def adc_accumulate(
+        y: Tensor,
+        step: Tensor,
+        unit: Tensor,
+        n_out: int,
+        out: Tensor | None,
+        bias: Tensor | None,
+        *,
+        save: bool,
+    ) -> tuple[Tensor, Saturation | None]:
+        if (
+            y.dtype != torch.float32
+            or y.device.type != "cpu"
+            or not y.is_contiguous()
+            or unit.dim() != 0  # dynamic ranges: one unit per token
+        ):
+            return reference.TorchElementwise.adc_accumulate(
+                y, step, unit, n_out, out, bias, save=save
+            )
+        cols = y.shape[1]
+        inv_step = _vector(1.0 / step, cols)
+        scale = _vector(step * unit, cols)
+        first = out is None
+        bias_v = np.zeros(cols, np.float32) if bias is None else _vector(bias, cols)
+        target = y if first else out
+        mask = torch.empty(y.shape if save else (0, 0), dtype=torch.bool)
+        _adc_kernel(
+            y.numpy(),
+            inv_step,
+            scale,
+            np.float32(n_out / 2),
+            bias_v,
+            target.numpy(),
+            first,
+            mask.numpy(),
+            save,
+        )
+        if not save:
+            return target, None
+        # Counted apart: a count inside the kernel's loop stops its vectorization (2.3x).
+        return target, Saturation(mask, int(np.count_nonzero(mask.numpy())))
+
+    @staticmethod
+    def mask_adc_grad(
+        grad: Tensor, mask: Tensor | Saturation, in_features: int
+    ) -> tuple[Tensor, SparseADCGrad | None]:
+        dense = mask.mask if isinstance(mask, Saturation) else mask
+        if grad.dtype != torch.float32 or grad.device.type != "cpu":
+            return reference.TorchElementwise.mask_adc_grad(grad, dense, in_features)
+        if isinstance(mask, Saturation):
+            if mask.count == 0:
+                return grad, None
+            if mask.count * in_features <= grad.numel() * _SPARSE_FACTOR:
+                return grad, SparseADCGrad(grad, np.flatnonzero(dense.numpy()))
+        out = _scratch(grad.shape)  # consumed by the backward's two matmuls, then dead
+        _mask_kernel(grad.detach().numpy(), dense.numpy(), out.numpy())
+        return out, None
+
+    @staticmethod
+    def mask_clipped_grad_(
+        grad: Tensor, clip: Tensor, *, count: bool
+    ) -> tuple[Tensor, Tensor | None]:
+        if grad.dtype != torch.float32 or grad.device.type != "cpu" or not grad.is_contiguous():
+            return reference.TorchElementwise.mask_clipped_grad_(grad, clip, count=count)
+        total, n = _clip_grad_kernel(grad.numpy(), clip.numpy())
+        n_clipped = torch.tensor(n, dtype=torch.int64) if count else None
+        return torch.tensor(total, dtype=torch.float32), n_clipped

@@ -1,0 +1,220 @@
+"""The fused CPU kernels (backend "numba") against the torch reference's chains."""
+
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+
+pytest.importorskip("numba")
+
+from afm import ops  # noqa: E402
+from afm import reference as ref  # noqa: E402
+from afm.config import Backend, InputQuantConfig, OutputQuantConfig  # noqa: E402
+from afm.layers import AnalogLinear  # noqa: E402
+from afm.numba_kernels import NumbaElementwise as NB  # noqa: E402
+from afm.numba_kernels import Saturation, SparseADCGrad  # noqa: E402
+from afm.presets import get_preset  # noqa: E402
+
+TE = ref.TorchElementwise
+
+
+def _edges(r: float) -> torch.Tensor:
+    """Values on and next to the clip edges, where the clip sign must be exact."""
+    r_t = torch.tensor(r)
+    below = torch.nextafter(r_t, torch.tensor(0.0)).item()
+    return torch.tensor([r, -r, below, -below, 2 * r, -2 * r, 0.0, r / 3])
+
+
+@pytest.mark.parametrize("strided", [False, True])
+@pytest.mark.parametrize("save", [True, False])
+def test_input_kernel_matches_torch_exactly(strided, save):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 96, generator=g) * 1.5
+    x[0, :8] = _edges(1.25)
+    if strided:  # a tile of a wider input: a non-contiguous view
+        x = torch.cat([x, torch.randn(300, 40, generator=g)], dim=1)[:, :96]
+    r = torch.tensor(1.25)
+    unit = 2 * r / 254
+    q_ref, c_ref = TE.quantize_static_input(x, r, unit, save=save)
+    q, c = NB.quantize_static_input(x, r, unit, save=save)
+    assert torch.equal(q, q_ref)
+    if save:
+        assert torch.equal(c, c_ref)
+        assert c[0, :8].tolist() == [1, -1, 0, 0, 1, -1, 0, 0]
+    else:
+        assert c is None and c_ref is None
+
+
+@pytest.mark.parametrize("accumulate", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_adc_kernel_matches_torch(accumulate, with_bias):
+    g = torch.Generator().manual_seed(1)
+    y = torch.randn(257, 80, generator=g) * 40
+    step = torch.rand(80, generator=g) * 0.5 + 0.1
+    unit = torch.tensor(0.03)
+    bias = torch.randn(80, generator=g) if with_bias and not accumulate else None
+    acc = torch.randn(257, 80, generator=g) if accumulate else None
+    out_ref, m_ref = TE.adc_accumulate(
+        y.clone(), step, unit, 254, None if acc is None else acc.clone(), bias, save=True
+    )
+    out, sat = NB.adc_accumulate(
+        y.clone(), step, unit, 254, None if acc is None else acc.clone(), bias, save=True
+    )
+    assert isinstance(sat, Saturation)
+    assert torch.equal(sat.mask, m_ref)
+    assert sat.count == int(m_ref.sum()) > 0
+    # fp32 rounding of bias + q·scale may differ from torch's fused addcmul by one ulp
+    torch.testing.assert_close(out, out_ref, rtol=2e-7, atol=1e-6)
+    out_nosave, none = NB.adc_accumulate(
+        y.clone(), step, unit, 254, None if acc is None else acc.clone(), bias, save=False
+    )
+    assert none is None
+    assert torch.equal(out_nosave, out)
+
+
+def test_clip_grad_kernel_matches_torch():
+    g = torch.Generator().manual_seed(2)
+    grad = torch.randn(300, 96, generator=g)
+    clip = torch.randint(-1, 2, (300, 96), generator=g).to(torch.int8)
+    ref_grad, grad_nb = grad.clone(), grad.clone()
+    total_ref, n_ref = TE.mask_clipped_grad_(ref_grad, clip, count=True)
+    total, n = NB.mask_clipped_grad_(grad_nb, clip, count=True)
+    assert torch.equal(grad_nb, ref_grad)
+    assert (grad_nb[clip != 0] == 0).all()
+    assert int(n) == int(n_ref) == int((clip != 0).sum())
+    torch.testing.assert_close(total, total_ref, rtol=1e-5, atol=1e-4)
+    assert NB.mask_clipped_grad_(grad.clone(), clip, count=False)[1] is None
+
+
+def test_adc_grad_dense_sparse_and_empty_paths_agree():
+    g = torch.Generator().manual_seed(3)
+    rows, n_out, k = 200, 64, 48
+    grad = torch.randn(rows, n_out, generator=g)
+    w = torch.randn(n_out, k, generator=g)
+    xq = torch.randint(-127, 128, (rows, k), generator=g).float()
+
+    def reference_grads(mask):
+        gs = grad.masked_fill(mask, 0)
+        return gs.t() @ xq, gs @ w
+
+    for n_sat in (0, 5, 3000):  # none, sparse, dense
+        mask = torch.zeros(rows * n_out, dtype=torch.bool)
+        mask[torch.randperm(rows * n_out, generator=g)[:n_sat]] = True
+        mask = mask.view(rows, n_out)
+        gs, sparse = NB.mask_adc_grad(grad, Saturation(mask, n_sat), k)
+        if n_sat == 0:
+            assert gs is grad and sparse is None
+        elif n_sat == 5:
+            assert gs is grad and isinstance(sparse, SparseADCGrad)
+        else:
+            assert sparse is None and torch.equal(gs, grad.masked_fill(mask, 0))
+        gw, gx = gs.t() @ xq, gs @ w
+        if sparse is not None:
+            sparse.remove_from_weight_grad_(gw, xq)
+            sparse.remove_from_input_grad_(gx, w)
+        gw_ref, gx_ref = reference_grads(mask)
+        torch.testing.assert_close(gw, gw_ref, rtol=1e-5, atol=1e-3)
+        torch.testing.assert_close(gx, gx_ref, rtol=1e-5, atol=1e-4)
+    # a plain bool mask (what the torch chain returns) takes the dense path
+    gs, sparse = NB.mask_adc_grad(grad, mask, k)
+    assert sparse is None and torch.equal(gs, grad.masked_fill(mask, 0))
+
+
+def _layer_case(config, k, dtype=torch.float32, rows=400, seed=4):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(2, rows // 2, k, generator=g) * 2).to(dtype).requires_grad_(True)
+    w = (torch.randn(72, k, generator=g) * 0.05).to(dtype).requires_grad_(True)
+    b = (torch.randn(72, generator=g) * 0.1).to(dtype).requires_grad_(True)
+    n_tiles = config.num_tiles(k)
+    r = torch.linspace(0.6, 1.2, n_tiles).requires_grad_(True)
+    return x, w, b, r, torch.randn(2, rows // 2, 72, generator=g).to(dtype)
+
+
+CONFIGS = {
+    "afm-paper": (get_preset("afm-paper"), 200),
+    "tiles (3, per-layer clip)": (replace(get_preset("tiny-stress"), max_input_size=80), 200),
+    "ahwa-lora (output noise)": (get_preset("ahwa-lora"), 600),
+    "w4a8 (no ADC)": (get_preset("w4a8-qat"), 200),
+    "dynamic inputs (torch fallback)": (
+        replace(
+            get_preset("afm-paper"),
+            input=InputQuantConfig(bits=8, dynamic=True, learn_ranges=False),
+        ),
+        200,
+    ),
+    "ranges, no input bits": (
+        replace(get_preset("afm-paper"), input=InputQuantConfig(bits=None, learn_ranges=True)),
+        200,
+    ),
+    "no ADC bits": (replace(get_preset("afm-paper"), output=OutputQuantConfig(None, None)), 200),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("training", [True, False])
+def test_layer_forward_and_grads_match_torch(name, training):
+    config, k = CONFIGS[name]
+    results = []
+    for elementwise in (TE, NB):
+        x, w, b, r, gy = _layer_case(config, k)
+        y = ref.analog_linear(
+            x, w, b, r, config, training=training, seed=11, elementwise=elementwise
+        )
+        y.backward(gy)
+        results.append((y.detach(), x.grad, w.grad, b.grad, r.grad))
+    for got, want in zip(results[1], results[0], strict=True):
+        scale = want.abs().max().clamp_min(1.0)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6 * scale)
+
+
+def test_bf16_falls_back_to_the_torch_chains():
+    config, k = CONFIGS["afm-paper"]
+    results = []
+    for elementwise in (TE, NB):
+        x, w, b, r, gy = _layer_case(config, k, dtype=torch.bfloat16)
+        y = ref.analog_linear(x, w, b, r, config, training=True, seed=3, elementwise=elementwise)
+        y.backward(gy)
+        results.append((y.detach().float(), x.grad.float(), w.grad.float(), r.grad))
+    for got, want in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2 * want.abs().max().item())
+
+
+def test_auto_backend_is_numba_on_cpu_and_falls_back_without_it(monkeypatch):
+    cpu = torch.device("cpu")
+    assert ops.resolve_backend(Backend.AUTO, cpu) is Backend.NUMBA
+    assert ops.resolve_backend(Backend.NUMBA, cpu) is Backend.NUMBA
+    assert ops.resolve_backend(Backend.TORCH, cpu) is Backend.TORCH
+    layer = AnalogLinear(16, 8, config=get_preset("afm-paper"))
+    assert layer.backend_for(cpu) is Backend.NUMBA
+    monkeypatch.setattr(ops, "numba_available", lambda: False)
+    assert ops.resolve_backend(Backend.AUTO, cpu) is Backend.TORCH
+    with pytest.raises(RuntimeError, match=r"afm\[cpu\]"):
+        ops.resolve_backend(Backend.NUMBA, cpu)
+
+
+def test_layer_backends_agree_and_leave_torch_threads_alone():
+    torch.manual_seed(0)
+    base = torch.nn.Linear(96, 40)
+    layers = {
+        be: AnalogLinear.from_linear(base, replace(get_preset("afm-paper"), backend=be)).eval()
+        for be in ("torch", "numba")
+    }
+    x = torch.randn(3, 50, 96)
+    threads = torch.get_num_threads()
+    with torch.no_grad():
+        out = {be: layer(x) for be, layer in layers.items()}
+    assert torch.get_num_threads() == threads
+    torch.testing.assert_close(out["numba"], out["torch"], rtol=1e-5, atol=1e-5)
+
+
+def test_kernels_load_from_cache_in_a_new_process():
+    # cache=True: a second process must not fail on (or silently skip) the cached code
+    code = (
+        "import torch; from afm.numba_kernels import NumbaElementwise as NB;"
+        "x = torch.randn(4, 8); q, c = NB.quantize_static_input(x, torch.tensor(1.0),"
+        " torch.tensor(2 / 254), save=True); print(int(c.abs().sum()) == int((x.abs() >= 1).sum()))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"
