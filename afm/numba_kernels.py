@@ -30,34 +30,41 @@ _JIT = {"nogil": True, "cache": True}
 _SCRATCH = threading.local()
 
 
-def _scratch(shape: torch.Size) -> Tensor:
-    """A per-thread fp32 buffer of ``shape``, reused across calls.
+def _scratch(tag: str, shape: torch.Size, dtype: torch.dtype = torch.float32) -> Tensor:
+    """A per-thread buffer for ``tag`` and ``shape``, reused across calls and layers.
 
     Fresh multi-MB tensors cost a page fault per 4 KiB on first touch (glibc maps and
-    unmaps them); the ADC-masked gradient lives only inside one backward, so one
-    buffer per shape serves every layer.
+    unmaps them), about as much as a kernel's pass.  Every use consumes the buffer
+    before the next call with the same tag: the matmul input of one forward, the
+    unpacked input or the masked gradient of one backward, the ADC mask until it is
+    condensed.
     """
     cache = getattr(_SCRATCH, "buffers", None)
     if cache is None:
         cache = _SCRATCH.buffers = {}
-    buf = cache.get(shape)
+    key = (tag, tuple(shape), dtype)
+    buf = cache.get(key)
     if buf is None:
-        buf = cache[shape] = torch.empty(shape, dtype=torch.float32)
+        buf = cache[key] = torch.empty(shape, dtype=dtype)
     return buf
 
 
 # Loop bodies are branch-free apart from loop-invariant flags (unswitched by LLVM).
 @njit(**_JIT)
-def _input_kernel(x, bound, inv_unit, xq, clip, save):  # pragma: no cover - jitted
+def _input_kernel(x, bound, inv_unit, xq, packed, clip, save):  # pragma: no cover - jitted
+    # xq: the fp32 grid values for the matmul; with save also their integer copy for
+    # the backward and the clip sign.
     rows, cols = x.shape
     for i in range(rows):
         for j in range(cols):
             v = x[i, j]
             q = min(max(v, -bound), bound)
+            g = np.rint(q * inv_unit)
+            xq[i, j] = g
             if save:
                 d = v - q
                 clip[i, j] = np.int8(d > 0) - np.int8(d < 0)
-            xq[i, j] = np.rint(q * inv_unit)
+                packed[i, j] = g
 
 
 @njit(**_JIT)
@@ -132,10 +139,29 @@ _SPARSE_FACTOR = 0.5
 
 
 class Saturation:
-    """The ADC's saturation mask (bool, outputs past the bound) and how many there are."""
+    """Which outputs of one tile passed the ADC bound: none, a few (flat indices), or
+    many (a bool mask).  Kept in the smallest of these forms until the backward."""
 
-    def __init__(self, mask: Tensor, count: int) -> None:
-        self.mask, self.count = mask, count
+    # Saturated outputs kept as indices (8 bytes each) up to this share of the outputs.
+    _INDEX_SHARE = 1 / 64
+
+    def __init__(self, mask: np.ndarray) -> None:
+        self.shape = mask.shape
+        self.count = int(np.count_nonzero(mask))
+        self.flat: np.ndarray | None = None
+        self.mask: Tensor | None = None
+        if 0 < self.count <= mask.size * self._INDEX_SHARE:
+            self.flat = np.flatnonzero(mask)
+        elif self.count:
+            self.mask = torch.from_numpy(mask.copy())
+
+    def dense_mask(self) -> Tensor:
+        if self.mask is not None:
+            return self.mask
+        mask = torch.zeros(self.shape, dtype=torch.bool)
+        if self.flat is not None:
+            mask.view(-1)[torch.from_numpy(self.flat)] = True
+        return mask
 
 
 class SparseADCGrad:
@@ -163,15 +189,33 @@ class NumbaElementwise:
     @staticmethod
     def quantize_static_input(
         x: Tensor, r: Tensor, unit: Tensor | None, *, save: bool
-    ) -> tuple[Tensor, Tensor | None]:
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """The torch chain's result, with the grid values for the backward kept as
+        int8 (int16 past 8 bits): 2 bytes per input with the clip sign, not 5, and the
+        fp32 matmul input in a scratch buffer instead of fresh memory."""
         if unit is None or x.dtype != torch.float32 or x.device.type != "cpu":
             return reference.TorchElementwise.quantize_static_input(x, r, unit, save=save)
         bound = np.float32(torch.nextafter(r, torch.zeros_like(r)).item())
         inv_unit = np.float32((1.0 / unit).item())
-        xq = torch.empty(x.shape, dtype=torch.float32)
-        clip = torch.empty(x.shape if save else (0, 0), dtype=torch.int8)
-        _input_kernel(x.detach().numpy(), bound, inv_unit, xq.numpy(), clip.numpy(), save)
-        return xq, (clip if save else None)
+        half = float(np.rint(bound * inv_unit))  # the grid's largest value, n/2
+        if half > np.iinfo(np.int16).max:  # more input bits than an int16 holds
+            return reference.TorchElementwise.quantize_static_input(x, r, unit, save=save)
+        packed_dtype = torch.int8 if half <= np.iinfo(np.int8).max else torch.int16
+        xq = _scratch("input", x.shape)  # consumed by this forward's matmul
+        empty = (0, 0)
+        packed = torch.empty(x.shape if save else empty, dtype=packed_dtype)
+        clip = torch.empty(x.shape if save else empty, dtype=torch.int8)
+        _input_kernel(
+            x.detach().numpy(), bound, inv_unit, xq.numpy(), packed.numpy(), clip.numpy(), save
+        )
+        return xq, (packed if save else None), (clip if save else None)
+
+    @staticmethod
+    def unpack_input(saved: Tensor) -> Tensor:
+        if saved.dtype.is_floating_point:  # saved by a torch chain
+            return saved
+        # consumed by this backward's weight-gradient matmul (and its sparse correction)
+        return _scratch("unpacked input", saved.shape).copy_(saved)
 
     @staticmethod
     def adc_accumulate(
@@ -199,7 +243,11 @@ class NumbaElementwise:
         first = out is None
         bias_v = np.zeros(cols, np.float32) if bias is None else _vector(bias, cols)
         target = y if first else out
-        mask = torch.empty(y.shape if save else (0, 0), dtype=torch.bool)
+        mask = (
+            _scratch("adc mask", y.shape, torch.bool)
+            if save
+            else torch.empty((0, 0), dtype=torch.bool)
+        )
         _adc_kernel(
             y.numpy(),
             inv_step,
@@ -211,25 +259,24 @@ class NumbaElementwise:
             mask.numpy(),
             save,
         )
-        if not save:
-            return target, None
-        # Counted apart: a count inside the kernel's loop stops its vectorization (2.3x).
-        return target, Saturation(mask, int(np.count_nonzero(mask.numpy())))
+        # Condensed apart: a count inside the kernel's loop stops its vectorization.
+        return target, (Saturation(mask.numpy()) if save else None)
 
     @staticmethod
     def mask_adc_grad(
         grad: Tensor, mask: Tensor | Saturation, in_features: int
     ) -> tuple[Tensor, SparseADCGrad | None]:
-        dense = mask.mask if isinstance(mask, Saturation) else mask
-        if grad.dtype != torch.float32 or grad.device.type != "cpu":
-            return reference.TorchElementwise.mask_adc_grad(grad, dense, in_features)
         if isinstance(mask, Saturation):
             if mask.count == 0:
                 return grad, None
-            if mask.count * in_features <= grad.numel() * _SPARSE_FACTOR:
-                return grad, SparseADCGrad(grad, np.flatnonzero(dense.numpy()))
-        out = _scratch(grad.shape)  # consumed by the backward's two matmuls, then dead
-        _mask_kernel(grad.detach().numpy(), dense.numpy(), out.numpy())
+            sparse_pays = mask.count * in_features <= grad.numel() * _SPARSE_FACTOR
+            if mask.flat is not None and sparse_pays and grad.dtype == torch.float32:
+                return grad, SparseADCGrad(grad, mask.flat)
+            mask = mask.dense_mask()
+        if grad.dtype != torch.float32 or grad.device.type != "cpu":
+            return reference.TorchElementwise.mask_adc_grad(grad, mask, in_features)
+        out = _scratch("adc grad", grad.shape)  # consumed by this backward's two matmuls
+        _mask_kernel(grad.detach().numpy(), mask.numpy(), out.numpy())
         return out, None
 
     @staticmethod

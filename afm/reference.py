@@ -214,8 +214,11 @@ class TorchElementwise:
     @staticmethod
     def quantize_static_input(
         x: Tensor, r: Tensor, unit: Tensor | None, *, save: bool
-    ) -> tuple[Tensor, Tensor | None]:
-        """Spec §2.1-2.2 with a static range ``r``: ``(round(clamp(x, ±r)/unit), clip sign)``.
+    ) -> tuple[Tensor, None, Tensor | None]:
+        """Spec §2.1-2.2 with a static range ``r``: ``(round(clamp(x, ±r)/unit), None,
+        clip sign)``.  The middle slot is for kernels that keep a compact copy of the
+        grid values for the backward (``unpack_input`` restores it); here the backward
+        keeps the result itself.
 
         ``unit=None``: no quantization, ``clamp(x, ±r)`` itself.  The clip sign (int8: +1
         where ``x ≥ r``, -1 where ``x ≤ -r``, else 0) comes from clamping at r⁻, the largest
@@ -237,7 +240,12 @@ class TorchElementwise:
                 clip[rows] = torch.sub(xs, edge).sign_()
             if inv_unit is not None:
                 q.mul_(inv_unit).round_()
-        return xq, clip
+        return xq, None, clip
+
+    @staticmethod
+    def unpack_input(saved: Tensor) -> Tensor:
+        """The matmul input the backward needs, from what the forward saved (itself)."""
+        return saved
 
     @staticmethod
     def adc_accumulate(
@@ -369,7 +377,7 @@ def _forward(
         x_tile = x2 if single else x2[:, lo:hi]
         ws = w_eff if single else w_eff[:, lo:hi]
         # ---- input path (§2) on an integer grid: x_q = unit · xq ----
-        clip = None
+        clip, packed = None, None  # packed: a compact copy of xq for the backward, if any
         if cfg_in.dynamic:
             xf = x_tile.float()
             r_s = xf.abs().amax(dim=1, keepdim=True).clamp_min(tiny)  # per token
@@ -379,12 +387,12 @@ def _forward(
         elif cfg_in.uses_range and n_in is not None:
             r_s = r_all[s]
             unit = 2 * r_s / n_in
-            xq, clip = elementwise.quantize_static_input(x_tile, r_s, unit, save=save)
+            xq, packed, clip = elementwise.quantize_static_input(x_tile, r_s, unit, save=save)
             r_per_unit = n_in / 2
         elif cfg_in.uses_range:  # ranges without quantization: clamp only
             r_s = r_all[s]
             unit = torch.ones((), device=x.device)
-            xq, clip = elementwise.quantize_static_input(x_tile, r_s, None, save=save)
+            xq, packed, clip = elementwise.quantize_static_input(x_tile, r_s, None, save=save)
             r_per_unit = r_s
         else:  # no ranges, no quantization (config validation guarantees it)
             unit, xq, r_per_unit = torch.ones((), device=x.device), x_tile.float(), None
@@ -408,7 +416,7 @@ def _forward(
         else:
             out = out.addcmul_(y, unit)
         if save:
-            saved.append(xq)
+            saved.append(xq if packed is None else packed)
             units.append(unit)
             clips.append(clip)
             out_masks.append(out_mask)
@@ -484,9 +492,10 @@ class AnalogLinearFunction(torch.autograd.Function):
             w_s = w_eff if single else w_eff[:, lo:hi]
             if need_w:  # noise is additive: the gradient passes straight to W
                 if unit.dim() == 0:
-                    gw = gs.t() @ saved[s]
+                    xq = ctx.elementwise.unpack_input(saved[s])
+                    gw = gs.t() @ xq
                     if sparse is not None:
-                        sparse.remove_from_weight_grad_(gw, saved[s])
+                        sparse.remove_from_weight_grad_(gw, xq)
                     gw = gw.float() * unit
                 else:  # dynamic ranges: one unit per token (never sparse)
                     gw = (gs * unit.to(gs.dtype)).t() @ saved[s]

@@ -37,14 +37,28 @@ def test_input_kernel_matches_torch_exactly(strided, save):
         x = torch.cat([x, torch.randn(300, 40, generator=g)], dim=1)[:, :96]
     r = torch.tensor(1.25)
     unit = 2 * r / 254
-    q_ref, c_ref = TE.quantize_static_input(x, r, unit, save=save)
-    q, c = NB.quantize_static_input(x, r, unit, save=save)
+    q_ref, packed_ref, c_ref = TE.quantize_static_input(x, r, unit, save=save)
+    q, packed, c = NB.quantize_static_input(x, r, unit, save=save)
+    assert packed_ref is None  # the torch chain's backward keeps q itself
     assert torch.equal(q, q_ref)
     if save:
         assert torch.equal(c, c_ref)
         assert c[0, :8].tolist() == [1, -1, 0, 0, 1, -1, 0, 0]
+        assert packed.dtype == torch.int8
+        assert torch.equal(NB.unpack_input(packed), q_ref)
     else:
-        assert c is None and c_ref is None
+        assert c is None and c_ref is None and packed is None
+
+
+def test_input_kernel_packs_wider_grids_in_int16():
+    x = torch.linspace(-3, 3, 999).reshape(9, 111)
+    r = torch.tensor(2.0)
+    unit = 2 * r / (2**12 - 2)  # 12-bit inputs: grid values up to 2047
+    q_ref, _, c_ref = TE.quantize_static_input(x, r, unit, save=True)
+    q, packed, c = NB.quantize_static_input(x, r, unit, save=True)
+    assert packed.dtype == torch.int16 and packed.abs().max() == 2047
+    assert torch.equal(NB.unpack_input(packed), q_ref) and torch.equal(c, c_ref)
+    assert torch.equal(q, q_ref)
 
 
 @pytest.mark.parametrize("accumulate", [False, True])
@@ -63,7 +77,7 @@ def test_adc_kernel_matches_torch(accumulate, with_bias):
         y.clone(), step, unit, 254, None if acc is None else acc.clone(), bias, save=True
     )
     assert isinstance(sat, Saturation)
-    assert torch.equal(sat.mask, m_ref)
+    assert torch.equal(sat.dense_mask(), m_ref)
     assert sat.count == int(m_ref.sum()) > 0
     # fp32 rounding of bias + q·scale may differ from torch's fused addcmul by one ulp
     torch.testing.assert_close(out, out_ref, rtol=2e-7, atol=1e-6)
@@ -99,11 +113,15 @@ def test_adc_grad_dense_sparse_and_empty_paths_agree():
         gs = grad.masked_fill(mask, 0)
         return gs.t() @ xq, gs @ w
 
-    for n_sat in (0, 5, 3000):  # none, sparse, dense
+    # none; sparse; kept as indices but too many for the sparse path; a dense mask
+    for n_sat in (0, 5, 150, 3000):
         mask = torch.zeros(rows * n_out, dtype=torch.bool)
         mask[torch.randperm(rows * n_out, generator=g)[:n_sat]] = True
         mask = mask.view(rows, n_out)
-        gs, sparse = NB.mask_adc_grad(grad, Saturation(mask, n_sat), k)
+        sat = Saturation(mask.numpy())
+        assert sat.count == n_sat and torch.equal(sat.dense_mask(), mask)
+        assert (sat.flat is not None) == (0 < n_sat <= rows * n_out / 64)
+        gs, sparse = NB.mask_adc_grad(grad, sat, k)
         if n_sat == 0:
             assert gs is grad and sparse is None
         elif n_sat == 5:
@@ -213,7 +231,7 @@ def test_kernels_load_from_cache_in_a_new_process():
     # cache=True: a second process must not fail on (or silently skip) the cached code
     code = (
         "import torch; from afm.numba_kernels import NumbaElementwise as NB;"
-        "x = torch.randn(4, 8); q, c = NB.quantize_static_input(x, torch.tensor(1.0),"
+        "x = torch.randn(4, 8); q, p, c = NB.quantize_static_input(x, torch.tensor(1.0),"
         " torch.tensor(2 / 254), save=True); print(int(c.abs().sum()) == int((x.abs() >= 1).sum()))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -196,7 +196,7 @@ def test_clip_sign_is_exact_at_the_range_edges():
     r = torch.tensor(0.75)
     below = torch.nextafter(r, torch.tensor(0.0)).item()
     x = torch.tensor([[0.75, -0.75, below, -below, 3.0, -3.0, 0.0, 0.1]])
-    xq, clip = ref.TorchElementwise.quantize_static_input(x, r, 2 * r / 254, save=True)
+    xq, _, clip = ref.TorchElementwise.quantize_static_input(x, r, 2 * r / 254, save=True)
     assert clip.tolist() == [[1, -1, 0, 0, 1, -1, 0, 0]]  # x ≥ r and x ≤ -r, not |x| > r
     assert xq.tolist() == [[127.0, -127.0, 127.0, -127.0, 127.0, -127.0, 0.0, 17.0]]
 
