@@ -127,6 +127,44 @@ def _clip_grad_kernel(grad, clip):  # pragma: no cover - jitted
     return total, count
 
 
+@njit(**_JIT)
+def _flat_nonzero(a, count):  # pragma: no cover - jitted
+    # np.flatnonzero for a 1-D byte array with `count` nonzeros, 8 bytes at a time
+    # (np.flatnonzero measured 2.4 ms on 1.5 M mostly-zero int8; this ~0.1 ms).
+    out = np.empty(count, np.int64)
+    n = a.shape[0]
+    words = n // 8
+    packed = a[: words * 8].view(np.uint64)
+    k = 0
+    for i in range(words):
+        if packed[i] != 0:
+            for p in range(i * 8, i * 8 + 8):
+                if a[p] != 0:
+                    out[k] = p
+                    k += 1
+    for p in range(words * 8, n):
+        if a[p] != 0:
+            out[k] = p
+            k += 1
+    return out
+
+
+def _nonzero(a: np.ndarray, count: int) -> np.ndarray:
+    """Flat indices of the nonzero entries of a C-contiguous bool/int8 array."""
+    return _flat_nonzero(a.reshape(-1).view(np.uint8), count)
+
+
+@njit(**_JIT)
+def _clip_grad_sparse_(grad, flat, signs):  # pragma: no cover - jitted
+    # The few clipped inputs by flat index: the range-gradient sum, then zero them.
+    total = 0.0
+    for k in range(flat.shape[0]):
+        g = grad[flat[k]] * np.float32(signs[k])
+        total += min(g, np.float32(0.0))
+        grad[flat[k]] = 0.0
+    return total
+
+
 def _vector(t: Tensor, n: int) -> np.ndarray:
     """A per-channel fp32 vector of length ``n`` from a [n] or 0-dim tensor."""
     return np.ascontiguousarray(t.detach().float().expand(n).numpy())
@@ -151,7 +189,7 @@ class Saturation:
         self.flat: np.ndarray | None = None
         self.mask: Tensor | None = None
         if 0 < self.count <= mask.size * self._INDEX_SHARE:
-            self.flat = np.flatnonzero(mask)
+            self.flat = _nonzero(mask, self.count)
         elif self.count:
             self.mask = torch.from_numpy(mask.copy())
 
@@ -162,6 +200,34 @@ class Saturation:
         if self.flat is not None:
             mask.view(-1)[torch.from_numpy(self.flat)] = True
         return mask
+
+
+class ClipSign:
+    """Which inputs of one tile were clipped (+1: ``x ≥ r``, -1: ``x ≤ -r``): none, a few
+    (flat indices and signs) or many (the int8 sign tensor), in the smallest form."""
+
+    # Clipped inputs kept as indices (9 bytes each) up to this share of the inputs.
+    _INDEX_SHARE = 1 / 64
+
+    def __init__(self, clip: np.ndarray) -> None:
+        self.shape = clip.shape
+        self.count = int(np.count_nonzero(clip))
+        self.flat: np.ndarray | None = None
+        self.signs: np.ndarray | None = None
+        self.tensor: Tensor | None = None
+        if 0 < self.count <= clip.size * self._INDEX_SHARE:
+            self.flat = _nonzero(clip, self.count)
+            self.signs = clip.reshape(-1)[self.flat]
+        elif self.count:
+            self.tensor = torch.from_numpy(clip.copy())
+
+    def dense(self) -> Tensor:
+        if self.tensor is not None:
+            return self.tensor
+        clip = torch.zeros(self.shape, dtype=torch.int8)
+        if self.flat is not None:
+            clip.view(-1)[torch.from_numpy(self.flat)] = torch.from_numpy(self.signs)
+        return clip
 
 
 class SparseADCGrad:
@@ -204,11 +270,15 @@ class NumbaElementwise:
         xq = _scratch("input", x.shape)  # consumed by this forward's matmul
         empty = (0, 0)
         packed = torch.empty(x.shape if save else empty, dtype=packed_dtype)
-        clip = torch.empty(x.shape if save else empty, dtype=torch.int8)
+        clip = (
+            _scratch("clip", x.shape, torch.int8) if save else torch.empty(empty, dtype=torch.int8)
+        )
         _input_kernel(
             x.detach().numpy(), bound, inv_unit, xq.numpy(), packed.numpy(), clip.numpy(), save
         )
-        return xq, (packed if save else None), (clip if save else None)
+        if not save:
+            return xq, None, None
+        return xq, packed, ClipSign(clip.numpy())
 
     @staticmethod
     def unpack_input(saved: Tensor) -> Tensor:
@@ -281,9 +351,18 @@ class NumbaElementwise:
 
     @staticmethod
     def mask_clipped_grad_(
-        grad: Tensor, clip: Tensor, *, count: bool
+        grad: Tensor, clip: Tensor | ClipSign, *, count: bool
     ) -> tuple[Tensor, Tensor | None]:
-        if grad.dtype != torch.float32 or grad.device.type != "cpu" or not grad.is_contiguous():
+        fused = grad.dtype == torch.float32 and grad.device.type == "cpu" and grad.is_contiguous()
+        if isinstance(clip, ClipSign):
+            if fused and clip.tensor is None:  # none or a few clipped: touch only those
+                total = 0.0
+                if clip.flat is not None:
+                    total = _clip_grad_sparse_(grad.view(-1).numpy(), clip.flat, clip.signs)
+                n_clipped = torch.tensor(clip.count, dtype=torch.int64) if count else None
+                return torch.tensor(total, dtype=torch.float32), n_clipped
+            clip = clip.dense()
+        if not fused:
             return reference.TorchElementwise.mask_clipped_grad_(grad, clip, count=count)
         total, n = _clip_grad_kernel(grad.numpy(), clip.numpy())
         n_clipped = torch.tensor(n, dtype=torch.int64) if count else None

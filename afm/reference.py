@@ -516,7 +516,7 @@ class AnalogLinearFunction(torch.autograd.Function):
                         grad_r[s] = _range_grad(
                             total,
                             n_clipped,
-                            clip.numel(),
+                            gx.numel(),
                             r_all[s],
                             cfg_in.decay,
                             cfg_in.min_fraction,

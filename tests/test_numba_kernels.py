@@ -4,6 +4,7 @@ import subprocess
 import sys
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,8 +14,8 @@ from afm import ops  # noqa: E402
 from afm import reference as ref  # noqa: E402
 from afm.config import Backend, InputQuantConfig, OutputQuantConfig  # noqa: E402
 from afm.layers import AnalogLinear  # noqa: E402
+from afm.numba_kernels import ClipSign, Saturation, SparseADCGrad, _nonzero  # noqa: E402
 from afm.numba_kernels import NumbaElementwise as NB  # noqa: E402
-from afm.numba_kernels import Saturation, SparseADCGrad  # noqa: E402
 from afm.presets import get_preset  # noqa: E402
 
 TE = ref.TorchElementwise
@@ -42,8 +43,9 @@ def test_input_kernel_matches_torch_exactly(strided, save):
     assert packed_ref is None  # the torch chain's backward keeps q itself
     assert torch.equal(q, q_ref)
     if save:
-        assert torch.equal(c, c_ref)
-        assert c[0, :8].tolist() == [1, -1, 0, 0, 1, -1, 0, 0]
+        assert isinstance(c, ClipSign) and c.count == int(c_ref.count_nonzero())
+        assert torch.equal(c.dense(), c_ref)
+        assert c.dense()[0, :8].tolist() == [1, -1, 0, 0, 1, -1, 0, 0]
         assert packed.dtype == torch.int8
         assert torch.equal(NB.unpack_input(packed), q_ref)
     else:
@@ -57,7 +59,7 @@ def test_input_kernel_packs_wider_grids_in_int16():
     q_ref, _, c_ref = TE.quantize_static_input(x, r, unit, save=True)
     q, packed, c = NB.quantize_static_input(x, r, unit, save=True)
     assert packed.dtype == torch.int16 and packed.abs().max() == 2047
-    assert torch.equal(NB.unpack_input(packed), q_ref) and torch.equal(c, c_ref)
+    assert torch.equal(NB.unpack_input(packed), q_ref) and torch.equal(c.dense(), c_ref)
     assert torch.equal(q, q_ref)
 
 
@@ -88,18 +90,32 @@ def test_adc_kernel_matches_torch(accumulate, with_bias):
     assert torch.equal(out_nosave, out)
 
 
-def test_clip_grad_kernel_matches_torch():
+@pytest.mark.parametrize("share", [0.0, 0.004, 0.4])  # none, a few (indices), many (int8)
+def test_clip_grad_kernel_matches_torch(share):
     g = torch.Generator().manual_seed(2)
     grad = torch.randn(300, 96, generator=g)
-    clip = torch.randint(-1, 2, (300, 96), generator=g).to(torch.int8)
-    ref_grad, grad_nb = grad.clone(), grad.clone()
+    signs = torch.randint(0, 2, (300, 96), generator=g).to(torch.int8) * 2 - 1
+    clip = torch.where(torch.rand(300, 96, generator=g) < share, signs, 0).to(torch.int8)
+    sign = ClipSign(clip.numpy())
+    assert torch.equal(sign.dense(), clip) and sign.count == int((clip != 0).sum())
+    assert (sign.flat is not None) == (0 < sign.count <= clip.numel() / 64)
+    assert (sign.tensor is not None) == (sign.count > clip.numel() / 64)
+    ref_grad = grad.clone()
     total_ref, n_ref = TE.mask_clipped_grad_(ref_grad, clip, count=True)
-    total, n = NB.mask_clipped_grad_(grad_nb, clip, count=True)
-    assert torch.equal(grad_nb, ref_grad)
-    assert (grad_nb[clip != 0] == 0).all()
-    assert int(n) == int(n_ref) == int((clip != 0).sum())
-    torch.testing.assert_close(total, total_ref, rtol=1e-5, atol=1e-4)
-    assert NB.mask_clipped_grad_(grad.clone(), clip, count=False)[1] is None
+    for given in (clip, sign):  # a plain int8 tensor, or the kernel's compact form
+        grad_nb = grad.clone()
+        total, n = NB.mask_clipped_grad_(grad_nb, given, count=True)
+        assert torch.equal(grad_nb, ref_grad)
+        assert (grad_nb[clip != 0] == 0).all()
+        assert int(n) == int(n_ref) == int((clip != 0).sum())
+        torch.testing.assert_close(total, total_ref, rtol=1e-5, atol=1e-4)
+        assert NB.mask_clipped_grad_(grad.clone(), given, count=False)[1] is None
+    # bf16 gradients take the torch chain, with the compact form expanded
+    g16_ref, g16_nb = grad.to(torch.bfloat16), grad.to(torch.bfloat16)
+    want = TE.mask_clipped_grad_(g16_ref, clip, count=True)
+    got = NB.mask_clipped_grad_(g16_nb, sign, count=True)
+    assert torch.equal(g16_nb, g16_ref)
+    assert int(got[1]) == int(want[1]) and torch.equal(got[0], want[0])
 
 
 def test_adc_grad_dense_sparse_and_empty_paths_agree():
@@ -232,7 +248,17 @@ def test_kernels_load_from_cache_in_a_new_process():
     code = (
         "import torch; from afm.numba_kernels import NumbaElementwise as NB;"
         "x = torch.randn(4, 8); q, p, c = NB.quantize_static_input(x, torch.tensor(1.0),"
-        " torch.tensor(2 / 254), save=True); print(int(c.abs().sum()) == int((x.abs() >= 1).sum()))"
+        " torch.tensor(2 / 254), save=True); print(c.count == int((x.abs() >= 1).sum()))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "True"
+
+
+@pytest.mark.parametrize("size", [0, 7, 8, 1001, 4096])
+@pytest.mark.parametrize("dtype", [np.int8, np.bool_])
+def test_nonzero_scan_matches_numpy(size, dtype):
+    rng = np.random.default_rng(size)
+    a = (rng.integers(-1, 2, size) * (rng.random(size) < 0.05)).astype(dtype)
+    count = int(np.count_nonzero(a))
+    assert np.array_equal(_nonzero(a, count), np.flatnonzero(a))
+    assert np.array_equal(_nonzero(a.reshape(-1, 1), count), np.flatnonzero(a))
