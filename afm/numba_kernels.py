@@ -3,7 +3,8 @@
 On CPU the analog layer's cost beyond ``nn.Linear`` is its elementwise chains —
 input clamp/round with the clip sign, the ADC round/clamp with its mask, and the
 two gradient maskings — each of which torch runs as several passes over the
-activations.  These kernels do each chain in one pass, parallel over rows.
+activations.  These kernels do each chain in one vectorized pass (or, for the few
+clipped inputs and saturated outputs, touch only those; docs/cpu-kernels.md).
 They implement exactly the functions of ``afm.reference`` that they replace
 (same signatures, see ``TorchElementwise``) and are tested against them
 (tests/test_numba_kernels.py); the matmuls, noise and autograd stay in the
@@ -176,58 +177,33 @@ def _vector(t: Tensor, n: int) -> np.ndarray:
 _SPARSE_FACTOR = 0.5
 
 
-class Saturation:
-    """Which outputs of one tile passed the ADC bound: none, a few (flat indices), or
-    many (a bool mask).  Kept in the smallest of these forms until the backward."""
+class Marks:
+    """Marked entries of one tile's int8 clip signs or bool ADC saturation mask, kept in
+    the smallest form until the backward: none, a few (flat indices and their values)
+    or many (the tensor itself)."""
 
-    # Saturated outputs kept as indices (8 bytes each) up to this share of the outputs.
+    # Marks kept as indices (8 bytes + the value each) up to this share of the entries.
     _INDEX_SHARE = 1 / 64
 
-    def __init__(self, mask: np.ndarray) -> None:
-        self.shape = mask.shape
-        self.count = int(np.count_nonzero(mask))
+    def __init__(self, marks: np.ndarray) -> None:
+        self.shape, self.dtype = marks.shape, torch.from_numpy(marks[:0]).dtype
+        self.count = int(np.count_nonzero(marks))
         self.flat: np.ndarray | None = None
-        self.mask: Tensor | None = None
-        if 0 < self.count <= mask.size * self._INDEX_SHARE:
-            self.flat = _nonzero(mask, self.count)
-        elif self.count:
-            self.mask = torch.from_numpy(mask.copy())
-
-    def dense_mask(self) -> Tensor:
-        if self.mask is not None:
-            return self.mask
-        mask = torch.zeros(self.shape, dtype=torch.bool)
-        if self.flat is not None:
-            mask.view(-1)[torch.from_numpy(self.flat)] = True
-        return mask
-
-
-class ClipSign:
-    """Which inputs of one tile were clipped (+1: ``x ≥ r``, -1: ``x ≤ -r``): none, a few
-    (flat indices and signs) or many (the int8 sign tensor), in the smallest form."""
-
-    # Clipped inputs kept as indices (9 bytes each) up to this share of the inputs.
-    _INDEX_SHARE = 1 / 64
-
-    def __init__(self, clip: np.ndarray) -> None:
-        self.shape = clip.shape
-        self.count = int(np.count_nonzero(clip))
-        self.flat: np.ndarray | None = None
-        self.signs: np.ndarray | None = None
+        self.values: np.ndarray | None = None
         self.tensor: Tensor | None = None
-        if 0 < self.count <= clip.size * self._INDEX_SHARE:
-            self.flat = _nonzero(clip, self.count)
-            self.signs = clip.reshape(-1)[self.flat]
+        if 0 < self.count <= marks.size * self._INDEX_SHARE:
+            self.flat = _nonzero(marks, self.count)
+            self.values = marks.reshape(-1)[self.flat]
         elif self.count:
-            self.tensor = torch.from_numpy(clip.copy())
+            self.tensor = torch.from_numpy(marks.copy())
 
     def dense(self) -> Tensor:
         if self.tensor is not None:
             return self.tensor
-        clip = torch.zeros(self.shape, dtype=torch.int8)
+        dense = torch.zeros(self.shape, dtype=self.dtype)
         if self.flat is not None:
-            clip.view(-1)[torch.from_numpy(self.flat)] = torch.from_numpy(self.signs)
-        return clip
+            dense.view(-1)[torch.from_numpy(self.flat)] = torch.from_numpy(self.values)
+        return dense
 
 
 class SparseADCGrad:
@@ -278,7 +254,7 @@ class NumbaElementwise:
         )
         if not save:
             return xq, None, None
-        return xq, packed, ClipSign(clip.numpy())
+        return xq, packed, Marks(clip.numpy())
 
     @staticmethod
     def unpack_input(saved: Tensor) -> Tensor:
@@ -297,7 +273,7 @@ class NumbaElementwise:
         bias: Tensor | None,
         *,
         save: bool,
-    ) -> tuple[Tensor, Saturation | None]:
+    ) -> tuple[Tensor, Marks | None]:
         if (
             y.dtype != torch.float32
             or y.device.type != "cpu"
@@ -330,19 +306,19 @@ class NumbaElementwise:
             save,
         )
         # Condensed apart: a count inside the kernel's loop stops its vectorization.
-        return target, (Saturation(mask.numpy()) if save else None)
+        return target, (Marks(mask.numpy()) if save else None)
 
     @staticmethod
     def mask_adc_grad(
-        grad: Tensor, mask: Tensor | Saturation, in_features: int
+        grad: Tensor, mask: Tensor | Marks, in_features: int
     ) -> tuple[Tensor, SparseADCGrad | None]:
-        if isinstance(mask, Saturation):
+        if isinstance(mask, Marks):
             if mask.count == 0:
                 return grad, None
             sparse_pays = mask.count * in_features <= grad.numel() * _SPARSE_FACTOR
             if mask.flat is not None and sparse_pays and grad.dtype == torch.float32:
                 return grad, SparseADCGrad(grad, mask.flat)
-            mask = mask.dense_mask()
+            mask = mask.dense()
         if grad.dtype != torch.float32 or grad.device.type != "cpu":
             return reference.TorchElementwise.mask_adc_grad(grad, mask, in_features)
         out = _scratch("adc grad", grad.shape)  # consumed by this backward's two matmuls
@@ -351,14 +327,14 @@ class NumbaElementwise:
 
     @staticmethod
     def mask_clipped_grad_(
-        grad: Tensor, clip: Tensor | ClipSign, *, count: bool
+        grad: Tensor, clip: Tensor | Marks, *, count: bool
     ) -> tuple[Tensor, Tensor | None]:
         fused = grad.dtype == torch.float32 and grad.device.type == "cpu" and grad.is_contiguous()
-        if isinstance(clip, ClipSign):
+        if isinstance(clip, Marks):
             if fused and clip.tensor is None:  # none or a few clipped: touch only those
                 total = 0.0
                 if clip.flat is not None:
-                    total = _clip_grad_sparse_(grad.view(-1).numpy(), clip.flat, clip.signs)
+                    total = _clip_grad_sparse_(grad.view(-1).numpy(), clip.flat, clip.values)
                 n_clipped = torch.tensor(clip.count, dtype=torch.int64) if count else None
                 return torch.tensor(total, dtype=torch.float32), n_clipped
             clip = clip.dense()

@@ -348,8 +348,11 @@ def _forward(
 ):
     """The forward of all tiles; with ``save`` also what the backward needs.
 
-    Elementwise work is kept to a few in-place passes: on CPU these passes, not the
-    matmul's overhead, decide how close the layer gets to ``nn.Linear``.
+    The elementwise chains around the matmuls (input quantization, ADC, and their
+    gradient masks) come from ``elementwise``: ``TorchElementwise`` (the oracle) or a
+    class with the same static methods (``afm.numba_kernels.NumbaElementwise``).  On
+    CPU those chains, not the matmuls' overhead, decide how close the layer gets to
+    ``nn.Linear``.
     """
     cfg_in, cfg_out = config.input, config.output
     n_in, n_out = _steps(cfg_in.bits), _steps(cfg_out.bits)
@@ -429,7 +432,8 @@ class AnalogLinearFunction(torch.autograd.Function):
 
     Inputs: ``x [..., K]``, ``weight [N, K]`` (already fake-quantized by the caller),
     ``bias [N] | None``, ``input_range [S]`` fp32 (ignored unless ranges are used), the
-    config, whether the layer is training (noise on), and the seed of this call's noise.  The noisy
+    config, whether the layer is training (noise on), the seed of this call's noise, optional
+    precomputed abs-max statistics and the elementwise chains (see ``_forward``).  The noisy
     weight is kept for the backward: on CPU regenerating it costs a full ``randn``
     over the weight, more than the memory it saves is worth for the torch path.
     """
@@ -572,7 +576,9 @@ def analog_linear(
 
     ``training`` switches weight and output noise on; ``seed`` seeds this call's
     noise; ``abs_max`` optionally passes precomputed ``weight_abs_max`` statistics
-    (the layer caches them in eval mode, where the weight does not change).
+    (the layer caches them in eval mode, where the weight does not change);
+    ``elementwise`` picks the implementation of the elementwise chains (``afm.ops``
+    passes the fused CPU kernels for backend "numba").
     """
     w = weight
     if config.weight_quant.bits is not None:

@@ -14,7 +14,7 @@ from afm import ops  # noqa: E402
 from afm import reference as ref  # noqa: E402
 from afm.config import Backend, InputQuantConfig, OutputQuantConfig  # noqa: E402
 from afm.layers import AnalogLinear  # noqa: E402
-from afm.numba_kernels import ClipSign, Saturation, SparseADCGrad, _nonzero  # noqa: E402
+from afm.numba_kernels import Marks, SparseADCGrad, _nonzero  # noqa: E402
 from afm.numba_kernels import NumbaElementwise as NB  # noqa: E402
 from afm.presets import get_preset  # noqa: E402
 
@@ -43,7 +43,7 @@ def test_input_kernel_matches_torch_exactly(strided, save):
     assert packed_ref is None  # the torch chain's backward keeps q itself
     assert torch.equal(q, q_ref)
     if save:
-        assert isinstance(c, ClipSign) and c.count == int(c_ref.count_nonzero())
+        assert isinstance(c, Marks) and c.count == int(c_ref.count_nonzero())
         assert torch.equal(c.dense(), c_ref)
         assert c.dense()[0, :8].tolist() == [1, -1, 0, 0, 1, -1, 0, 0]
         assert packed.dtype == torch.int8
@@ -78,8 +78,8 @@ def test_adc_kernel_matches_torch(accumulate, with_bias):
     out, sat = NB.adc_accumulate(
         y.clone(), step, unit, 254, None if acc is None else acc.clone(), bias, save=True
     )
-    assert isinstance(sat, Saturation)
-    assert torch.equal(sat.dense_mask(), m_ref)
+    assert isinstance(sat, Marks)
+    assert torch.equal(sat.dense(), m_ref)
     assert sat.count == int(m_ref.sum()) > 0
     # fp32 rounding of bias + q·scale may differ from torch's fused addcmul by one ulp
     torch.testing.assert_close(out, out_ref, rtol=2e-7, atol=1e-6)
@@ -96,7 +96,7 @@ def test_clip_grad_kernel_matches_torch(share):
     grad = torch.randn(300, 96, generator=g)
     signs = torch.randint(0, 2, (300, 96), generator=g).to(torch.int8) * 2 - 1
     clip = torch.where(torch.rand(300, 96, generator=g) < share, signs, 0).to(torch.int8)
-    sign = ClipSign(clip.numpy())
+    sign = Marks(clip.numpy())
     assert torch.equal(sign.dense(), clip) and sign.count == int((clip != 0).sum())
     assert (sign.flat is not None) == (0 < sign.count <= clip.numel() / 64)
     assert (sign.tensor is not None) == (sign.count > clip.numel() / 64)
@@ -134,8 +134,8 @@ def test_adc_grad_dense_sparse_and_empty_paths_agree():
         mask = torch.zeros(rows * n_out, dtype=torch.bool)
         mask[torch.randperm(rows * n_out, generator=g)[:n_sat]] = True
         mask = mask.view(rows, n_out)
-        sat = Saturation(mask.numpy())
-        assert sat.count == n_sat and torch.equal(sat.dense_mask(), mask)
+        sat = Marks(mask.numpy())
+        assert sat.count == n_sat and torch.equal(sat.dense(), mask)
         assert (sat.flat is not None) == (0 < n_sat <= rows * n_out / 64)
         gs, sparse = NB.mask_adc_grad(grad, sat, k)
         if n_sat == 0:
