@@ -32,25 +32,25 @@ _SCRATCH = threading.local()
 
 
 def _scratch(tag: str, shape: torch.Size, dtype: torch.dtype = torch.float32) -> Tensor:
-    """A per-thread buffer for ``tag`` and ``shape``, reused across calls and layers.
+    """A per-thread buffer for ``tag``, reused across calls and layers.
 
     Fresh multi-MB tensors cost a page fault per 4 KiB on first touch (glibc maps and
     unmaps them), about as much as a kernel's pass.  Every use consumes the buffer
     before the next call with the same tag: the matmul input of one forward, the
-    unpacked input or the masked gradient of one backward, the ADC mask until it is
-    condensed.
+    unpacked input or the masked gradient of one backward, the ADC mask or clip signs
+    until they are condensed.  One flat buffer per tag, grown to the largest request,
+    so that varying shapes (prompt lengths in evaluation) do not pile up buffers.
     """
     cache = getattr(_SCRATCH, "buffers", None)
     if cache is None:
         cache = _SCRATCH.buffers = {}
-    key = (tag, tuple(shape), dtype)
-    buf = cache.get(key)
-    if buf is None:
-        buf = cache[key] = torch.empty(shape, dtype=dtype)
-    return buf
+    numel = int(np.prod(shape))
+    buf = cache.get((tag, dtype))
+    if buf is None or buf.numel() < numel:
+        buf = cache[(tag, dtype)] = torch.empty(numel, dtype=dtype)
+    return buf[:numel].view(shape)
 
 
-# Loop bodies are branch-free apart from loop-invariant flags (unswitched by LLVM).
 @njit(**_JIT)
 def _input_kernel(x, bound, inv_unit, xq, packed, clip, save):  # pragma: no cover - jitted
     # xq: the fp32 grid values for the matmul; with save also their integer copy for

@@ -262,3 +262,17 @@ def test_nonzero_scan_matches_numpy(size, dtype):
     count = int(np.count_nonzero(a))
     assert np.array_equal(_nonzero(a, count), np.flatnonzero(a))
     assert np.array_equal(_nonzero(a.reshape(-1, 1), count), np.flatnonzero(a))
+
+
+def test_scratch_buffers_do_not_pile_up_with_varying_shapes(monkeypatch):
+    from afm import numba_kernels
+
+    monkeypatch.setattr(numba_kernels._SCRATCH, "buffers", {})
+    r = torch.tensor(1.0)
+    for rows in range(1, 40):  # e.g. prompt lengths in evaluation
+        x = torch.randn(rows, 16)
+        q, _, _ = NB.quantize_static_input(x, r, 2 * r / 254, save=False)
+        assert torch.equal(q, TE.quantize_static_input(x, r, 2 * r / 254, save=False)[0])
+    buffers = numba_kernels._SCRATCH.buffers
+    assert len([key for key in buffers if key[0] == "input"]) == 1
+    assert buffers[("input", torch.float32)].numel() == 39 * 16
