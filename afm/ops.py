@@ -9,6 +9,7 @@ environment variables during a forward.
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 
 import torch
@@ -21,27 +22,24 @@ logger = logging.getLogger(__name__)
 
 
 @functools.cache
+def _importable(module: str) -> bool:
+    """Whether ``module`` imports (checked once per process and module)."""
+    try:
+        importlib.import_module(module)
+    except Exception as exc:  # ImportError, or a broken install / version mismatch
+        logger.debug("%s unavailable: %s", module, exc)
+        return False
+    return True
+
+
 def triton_available() -> bool:
     """Whether the Triton kernels can be imported (checked once per process)."""
-    try:
-        import triton  # noqa: F401
-
-        from afm.triton_kernels import analog_linear as _  # noqa: F401
-    except Exception as exc:  # ImportError, or a broken triton install
-        logger.debug("triton backend unavailable: %s", exc)
-        return False
-    return True
+    return _importable("afm.triton_kernels.analog_linear")
 
 
-@functools.cache
 def numba_available() -> bool:
     """Whether the fused CPU kernels can be imported (checked once per process)."""
-    try:
-        from afm import numba_kernels as _  # noqa: F401
-    except Exception as exc:  # ImportError, or a numba/numpy version mismatch
-        logger.debug("numba backend unavailable: %s", exc)
-        return False
-    return True
+    return _importable("afm.numba_kernels")
 
 
 def resolve_backend(requested: Backend, device: torch.device) -> Backend:
@@ -49,20 +47,17 @@ def resolve_backend(requested: Backend, device: torch.device) -> Backend:
     import; else torch."""
     if requested is Backend.TORCH:
         return Backend.TORCH
-    if requested is Backend.NUMBA:
-        if not numba_available():
+    if requested is not Backend.AUTO:  # an explicit kernel backend must be there
+        available, what, extra = {
+            Backend.TRITON: (triton_available, "the Triton kernels", "triton"),
+            Backend.NUMBA: (numba_available, "numba", "cpu"),
+        }[requested]
+        if not available():
             raise RuntimeError(
-                "backend='numba' was requested but numba cannot be imported; "
-                "install the extra: pip install 'afm[cpu]'"
+                f"backend={requested.value!r} was requested but {what} cannot be imported; "
+                f"install the extra: pip install 'afm[{extra}]'"
             )
-        return Backend.NUMBA
-    if requested is Backend.TRITON:
-        if not triton_available():
-            raise RuntimeError(
-                "backend='triton' was requested but the Triton kernels cannot be imported; "
-                "install the extra: pip install 'afm[triton]'"
-            )
-        return Backend.TRITON
+        return requested
     if device.type == "cuda" and triton_available():
         return Backend.TRITON
     if device.type == "cpu" and numba_available():

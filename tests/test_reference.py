@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from afm import ops
 from afm import reference as ref
 from afm.config import (
     AnalogConfig,
@@ -109,12 +110,11 @@ def test_ideal_config_is_nn_linear():
 
 
 def _elementwise_chains():
-    chains = [ref.TorchElementwise]
-    try:
-        from afm.numba_kernels import NumbaElementwise
-    except ImportError:  # numba is an optional extra; tests/test_numba_kernels.py skips too
-        return chains
-    return chains + [NumbaElementwise]
+    if not ops.numba_available():  # numba is an optional extra
+        return [ref.TorchElementwise]
+    from afm.numba_kernels import NumbaElementwise
+
+    return [ref.TorchElementwise, NumbaElementwise]
 
 
 @pytest.mark.parametrize("elementwise", _elementwise_chains(), ids=lambda c: c.__name__)
