@@ -2,12 +2,19 @@
 
 ``import afm`` also registers the transformers quantization method "afm", so
 ``AutoModelForCausalLM.from_pretrained(dir)`` of an afm checkpoint returns the
-analog model.  It does not import triton, peft, lm_eval or vllm.
+analog model.  It does not import triton, peft, lm_eval, vllm, numba, trl or deepspeed.
+
+The package, one layer of the architecture per folder (docs/design.md): ``config`` /
+``presets`` / ``reference`` (the chip as data and as math), ``kernels`` (the op's
+backends), ``analog`` (the chip on a model), ``training``, ``lora``, ``evaluate``,
+``export``, ``toyworld`` (the embedded tiny world) and ``cli``.
 """
 
-from afm import hf as _hf  # noqa: F401  (registers the "afm" quantizer with transformers)
-from afm.calibration import calibrate_input_ranges_
-from afm.clipping import clip_callback, clip_weights_, register_clip_hook
+from afm.analog.calibration import calibrate_input_ranges_
+from afm.analog.clipping import clip_callback, clip_weights_, register_clip_hook
+from afm.analog.convert import analog_layers, convert, revert
+from afm.analog.hf import AfmQuantizationConfig, attach_quantization_config
+from afm.analog.layers import AnalogLinear
 from afm.config import (
     AnalogConfig,
     Backend,
@@ -20,10 +27,7 @@ from afm.config import (
     WeightNoiseKind,
     WeightQuantConfig,
 )
-from afm.export import export_int4
-from afm.hf import AfmQuantizationConfig, attach_quantization_config
-from afm.layers import AnalogLinear
-from afm.patch import analog_layers, convert, revert
+from afm.export.int4 import export_int4
 from afm.presets import PRESETS, get_preset
 
 __version__ = "0.1.0"

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from afm.validation import check_bits, check_bool, check_int, check_real, coerce_enum, fail
+
 CONFIG_VERSION = 1
 
 
@@ -43,56 +45,6 @@ class Backend(str, Enum):
     NUMBA = "numba"  # the torch path with its elementwise chains fused (CPU)
 
 
-def _fail(cls_name: str, name: str, value: Any, why: str) -> None:
-    raise ValueError(f"{cls_name}.{name}={value!r} is invalid: {why}")
-
-
-def _check_bits(owner: str, name: str, bits: Any) -> None:
-    if bits is None:
-        return
-    if isinstance(bits, bool) or not isinstance(bits, int):
-        _fail(owner, name, bits, "must be an int or None")
-    if not 2 <= bits <= 16:
-        _fail(owner, name, bits, "must be between 2 and 16 (None switches quantization off)")
-
-
-def _check_real(
-    owner: str,
-    name: str,
-    value: Any,
-    *,
-    minimum: float = 0.0,
-    strict: bool = False,
-    maximum: float | None = None,
-) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        _fail(owner, name, value, "must be a number")
-    if not math.isfinite(value):
-        _fail(owner, name, value, "must be finite")
-    if strict and value <= minimum:
-        _fail(owner, name, value, f"must be > {minimum}")
-    if not strict and value < minimum:
-        _fail(owner, name, value, f"must be >= {minimum}")
-    if maximum is not None and value > maximum:
-        _fail(owner, name, value, f"must be <= {maximum}")
-
-
-def _check_bool(owner: str, name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        _fail(owner, name, value, "must be a bool")
-
-
-def _coerce_enum(owner: str, name: str, enum_cls: type[Enum], value: Any) -> Enum:
-    if isinstance(value, enum_cls):
-        return value
-    try:
-        return enum_cls(value)
-    except ValueError:
-        allowed = ", ".join(repr(m.value) for m in enum_cls)
-        _fail(owner, name, value, f"must be one of {allowed}")
-    raise AssertionError  # unreachable
-
-
 @dataclass(frozen=True)
 class InputQuantConfig:
     """DAC: per-tile input clipping and quantization (spec §2)."""
@@ -116,26 +68,23 @@ class InputQuantConfig:
 
     def __post_init__(self) -> None:
         owner = "InputQuantConfig"
-        _check_bits(owner, "bits", self.bits)
-        _check_bool(owner, "learn_ranges", self.learn_ranges)
-        _check_bool(owner, "dynamic", self.dynamic)
-        if isinstance(self.init_steps, bool) or not isinstance(self.init_steps, int):
-            _fail(owner, "init_steps", self.init_steps, "must be an int")
-        if self.init_steps < 0:
-            _fail(owner, "init_steps", self.init_steps, "must be >= 0")
-        _check_real(owner, "init_std_alpha", self.init_std_alpha, strict=True)
-        _check_real(owner, "init_value", self.init_value, strict=True)
-        _check_real(owner, "decay", self.decay)
-        _check_real(owner, "min_fraction", self.min_fraction, maximum=1.0)
+        check_bits(owner, "bits", self.bits)
+        check_bool(owner, "learn_ranges", self.learn_ranges)
+        check_bool(owner, "dynamic", self.dynamic)
+        check_int(owner, "init_steps", self.init_steps, minimum=0)
+        check_real(owner, "init_std_alpha", self.init_std_alpha, strict=True)
+        check_real(owner, "init_value", self.init_value, strict=True)
+        check_real(owner, "decay", self.decay)
+        check_real(owner, "min_fraction", self.min_fraction, maximum=1.0)
         if self.dynamic and self.learn_ranges:
-            _fail(
+            fail(
                 owner,
                 "dynamic",
                 self.dynamic,
                 "dynamic ranges cannot be combined with learn_ranges=True",
             )
         if self.dynamic and self.bits is None:
-            _fail(owner, "dynamic", self.dynamic, "dynamic ranges need input bits")
+            fail(owner, "dynamic", self.dynamic, "dynamic ranges need input bits")
 
     @property
     def uses_range(self) -> bool:
@@ -153,13 +102,13 @@ class OutputQuantConfig:
 
     def __post_init__(self) -> None:
         owner = "OutputQuantConfig"
-        _check_bits(owner, "bits", self.bits)
+        check_bits(owner, "bits", self.bits)
         if self.bound is not None:
-            _check_real(owner, "bound", self.bound, strict=True)
+            check_real(owner, "bound", self.bound, strict=True)
             if self.bits is None:
-                _fail(owner, "bound", self.bound, "a bound needs output bits (bits is None)")
+                fail(owner, "bound", self.bound, "a bound needs output bits (bits is None)")
         elif self.bits is not None:
-            _fail(owner, "bound", self.bound, "output bits need a bound")
+            fail(owner, "bound", self.bound, "output bits need a bound")
 
 
 @dataclass(frozen=True)
@@ -173,13 +122,13 @@ class WeightNoiseConfig:
 
     def __post_init__(self) -> None:
         owner = "WeightNoiseConfig"
-        object.__setattr__(self, "kind", _coerce_enum(owner, "kind", WeightNoiseKind, self.kind))
-        _check_real(owner, "std", self.std)
-        _check_bool(owner, "keep_at_eval", self.keep_at_eval)
+        object.__setattr__(self, "kind", coerce_enum(owner, "kind", WeightNoiseKind, self.kind))
+        check_real(owner, "std", self.std)
+        check_bool(owner, "keep_at_eval", self.keep_at_eval)
         if self.kind is WeightNoiseKind.NONE and self.std != 0:
-            _fail(owner, "std", self.std, "kind is 'none'; set a kind or std=0")
+            fail(owner, "std", self.std, "kind is 'none'; set a kind or std=0")
         if self.kind is not WeightNoiseKind.NONE and self.std == 0:
-            _fail(owner, "std", self.std, f"kind {self.kind.value!r} needs std > 0")
+            fail(owner, "std", self.std, f"kind {self.kind.value!r} needs std > 0")
 
     @property
     def enabled(self) -> bool:
@@ -196,8 +145,8 @@ class OutputNoiseConfig:
     """a = per-channel max|W| (True) or the tile's max|W| (False)."""
 
     def __post_init__(self) -> None:
-        _check_real("OutputNoiseConfig", "std", self.std)
-        _check_bool("OutputNoiseConfig", "per_channel", self.per_channel)
+        check_real("OutputNoiseConfig", "std", self.std)
+        check_bool("OutputNoiseConfig", "per_channel", self.per_channel)
 
 
 @dataclass(frozen=True)
@@ -208,8 +157,8 @@ class ClipConfig:
     sigma: float = 2.5
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "kind", _coerce_enum("ClipConfig", "kind", ClipKind, self.kind))
-        _check_real("ClipConfig", "sigma", self.sigma, strict=True)
+        object.__setattr__(self, "kind", coerce_enum("ClipConfig", "kind", ClipKind, self.kind))
+        check_real("ClipConfig", "sigma", self.sigma, strict=True)
 
     @property
     def per_channel(self) -> bool:
@@ -225,14 +174,11 @@ class WeightQuantConfig:
     """None: per output channel; else groups of this many inputs."""
 
     def __post_init__(self) -> None:
-        _check_bits("WeightQuantConfig", "bits", self.bits)
+        check_bits("WeightQuantConfig", "bits", self.bits)
         if self.group_size is not None:
-            if isinstance(self.group_size, bool) or not isinstance(self.group_size, int):
-                _fail("WeightQuantConfig", "group_size", self.group_size, "must be an int")
-            if self.group_size < 1:
-                _fail("WeightQuantConfig", "group_size", self.group_size, "must be >= 1")
+            check_int("WeightQuantConfig", "group_size", self.group_size, minimum=1)
             if self.bits is None:
-                _fail("WeightQuantConfig", "group_size", self.group_size, "needs bits")
+                fail("WeightQuantConfig", "group_size", self.group_size, "needs bits")
 
 
 _SECTIONS: dict[str, type] = {
@@ -264,13 +210,11 @@ class AnalogConfig:
         for name, cls in _SECTIONS.items():
             value = getattr(self, name)
             if not isinstance(value, cls):
-                _fail(owner, name, value, f"must be a {cls.__name__}")
-        object.__setattr__(self, "backend", _coerce_enum(owner, "backend", Backend, self.backend))
-        m = self.max_input_size
-        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
-            _fail(owner, "max_input_size", m, "must be a positive int or None")
+                fail(owner, name, value, f"must be a {cls.__name__}")
+        object.__setattr__(self, "backend", coerce_enum(owner, "backend", Backend, self.backend))
+        check_int(owner, "max_input_size", self.max_input_size, minimum=1, allow_none=True)
         if self.output.bits is not None and not (self.input.uses_range or self.input.dynamic):
-            _fail(
+            fail(
                 owner,
                 "output",
                 self.output,
@@ -278,7 +222,7 @@ class AnalogConfig:
                 "input.learn_ranges=True or input.dynamic=True",
             )
         if self.output_noise.std > 0 and not (self.input.uses_range or self.input.dynamic):
-            _fail(
+            fail(
                 owner,
                 "output_noise",
                 self.output_noise,

@@ -35,12 +35,9 @@ class ModelNotFoundError(OSError):
 
 
 def _tiny_dir() -> str:
-    try:  # installed package (zip-safe lookup); falls back to the source tree
-        from importlib.resources import files
+    from importlib.resources import files  # the installed package data (also editable)
 
-        return str(files("afm.assets") / "tiny")
-    except (ModuleNotFoundError, TypeError):  # pragma: no cover
-        return str(_TINY_DIR)
+    return str(files("afm.assets") / "tiny")
 
 
 def resolve_model(name_or_path: str | Path) -> str:

@@ -30,7 +30,7 @@ class Preset:
         ("scale", 1.0),
         ("tile_size", 512),
     )
-    """The deployment noise this chip is evaluated under (``afm.noise.get_noise_model``)."""
+    """The deployment noise this chip is evaluated under (``afm.analog.noise.get_noise_model``)."""
 
 
 _AFM_PAPER = AnalogConfig(
@@ -112,7 +112,7 @@ PRESETS: dict[str, Preset] = {
 
 
 def eval_noise_of(name: str) -> dict[str, object]:
-    """Keyword arguments of ``afm.noise.get_noise_model`` for the preset's deployment noise."""
+    """``afm.analog.noise.get_noise_model`` keyword arguments of the preset's deployment noise."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; available: {', '.join(PRESETS)}")
     return dict(PRESETS[name].eval_noise)

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from afm.config import AnalogConfig, ClipKind, WeightNoiseKind
+from afm.kernels.torch_chains import TorchElementwise
 
 __all__ = [
     "tile_bounds",
@@ -41,6 +42,8 @@ __all__ = [
     "clip_weight_",
     "noisy_weight",
     "init_range_update",
+    "noise_in_mode",
+    "adc_per_channel",
     "analog_linear",
     "AnalogLinearFunction",
 ]
@@ -78,6 +81,20 @@ def _steps(bits: int | None) -> int | None:
 
 def input_steps(config: AnalogConfig) -> int | None:
     return _steps(config.input.bits)
+
+
+def noise_in_mode(config: AnalogConfig, training: bool) -> tuple[bool, bool]:
+    """``(weight noise on, output noise on)`` for a forward in this mode (spec §4,
+    "Training vs eval"): weight noise in training, or at eval with ``keep_at_eval``;
+    output noise in training only.  Every backend and the layer ask this function."""
+    wn, on = config.weight_noise, config.output_noise
+    return wn.enabled and (training or wn.keep_at_eval), on.std > 0 and training
+
+
+def adc_per_channel(config: AnalogConfig) -> bool:
+    """Whether the ADC bound uses the per-channel weight range ``a[s, i]`` (spec §4.2:
+    when clipping is per channel) rather than the tile's ``a[s]``."""
+    return config.clip.kind is ClipKind.GAUSSIAN_PER_CHANNEL
 
 
 # --------------------------------------------------------------------------- §2 input
@@ -193,137 +210,6 @@ def quantize_output(y: Tensor, bound: Tensor, bits: int) -> Tensor:
     return torch.maximum(torch.minimum(torch.round(y / delta) * delta, bound), -bound)
 
 
-# Elementwise chains run over blocks of rows on CPU: each block (~256 KiB of fp32)
-# stays in L2 across the chain's passes, where whole-tensor passes would each stream
-# the activations through DRAM (measured ~2.5x slower for the input path at 2048x768).
-_BLOCK_ELEMENTS = 1 << 16
-
-
-def _row_blocks(rows: int, cols: int, device: torch.device) -> list[slice]:
-    """Row slices for the elementwise chains: blocks on CPU, one slice on accelerators."""
-    if device.type != "cpu" or rows * cols <= _BLOCK_ELEMENTS:
-        return [slice(0, rows)]
-    step = max(1, _BLOCK_ELEMENTS // max(cols, 1))
-    return [slice(i, min(i + step, rows)) for i in range(0, rows, step)]
-
-
-class TorchElementwise:
-    """The layer's elementwise chains in torch: the oracle the fused CPU kernels
-    (``afm.numba_kernels.NumbaElementwise``, same static methods) are tested against."""
-
-    @staticmethod
-    def quantize_static_input(
-        x: Tensor, r: Tensor, unit: Tensor | None, *, save: bool
-    ) -> tuple[Tensor, None, Tensor | None]:
-        """Spec §2.1-2.2 with a static range ``r``: ``(round(clamp(x, ±r)/unit), None,
-        clip sign)``.  The middle slot is for kernels that keep a compact copy of the
-        grid values for the backward (``unpack_input`` restores it); here the backward
-        keeps the result itself.
-
-        ``unit=None``: no quantization, ``clamp(x, ±r)`` itself.  The clip sign (int8: +1
-        where ``x ≥ r``, -1 where ``x ≤ -r``, else 0) comes from clamping at r⁻, the largest
-        float below r: ``x - clamp(x, ±r⁻)`` is > 0 exactly where x ≥ r and < 0 exactly
-        where x ≤ -r, so float passes do the work of two slower bool comparisons.  Since
-        ``round(r⁻/unit) = n/2 = round(r/unit)`` the grid values equal clamping at r.
-        """
-        r_in = torch.nextafter(r, torch.zeros_like(r))
-        bound = r if unit is None else r_in
-        inv_unit = None if unit is None else 1.0 / unit
-        xq = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-        clip = torch.empty(x.shape, dtype=torch.int8, device=x.device) if save else None
-        for rows in _row_blocks(x.shape[0], x.shape[1], x.device):
-            xs, q = x[rows].float(), xq[rows]
-            torch.minimum(xs, bound, out=q)
-            torch.maximum(q, -bound, out=q)
-            if clip is not None:
-                edge = q if unit is not None else torch.maximum(torch.minimum(xs, r_in), -r_in)
-                clip[rows] = torch.sub(xs, edge).sign_()
-            if inv_unit is not None:
-                q.mul_(inv_unit).round_()
-        return xq, None, clip
-
-    @staticmethod
-    def unpack_input(saved: Tensor) -> Tensor:
-        """The matmul input the backward needs, from what the forward saved (itself)."""
-        return saved
-
-    @staticmethod
-    def adc_accumulate(
-        y: Tensor,
-        step: Tensor,
-        unit: Tensor,
-        n_out: int,
-        out: Tensor | None,
-        bias: Tensor | None,
-        *,
-        save: bool,
-    ) -> tuple[Tensor, Tensor | None]:
-        """Spec §4.2 on ``y`` (fp32, in input units, consumed), added into ``out``.
-
-        ``out + clamp(round(y/step), ±n/2)·step·unit (+ bias when out is None)``; with
-        ``save`` also the bool mask of outputs past the ADC bound (they get no gradient):
-        ``round(y/step) - clamp(...)`` is nonzero exactly there.
-        """
-        half = n_out / 2
-        inv_step, scale = 1.0 / step, step * unit
-        bias_f = None if bias is None else bias.float()
-        first = out is None
-        if first:
-            out = y  # written in place, block by block
-        mask = torch.empty(y.shape, dtype=torch.bool, device=y.device) if save else None
-        for rows in _row_blocks(y.shape[0], y.shape[1], y.device):
-            ys = y[rows].mul_(inv_step).round_()
-            if mask is not None:
-                yc = torch.clamp(ys, -half, half)
-                torch.ne(ys, yc, out=mask[rows])
-            else:
-                yc = ys.clamp_(-half, half)
-            if not first:
-                out[rows].addcmul_(yc, scale)
-            elif bias_f is not None:
-                torch.addcmul(bias_f, yc, scale, out=out[rows])
-            else:
-                torch.mul(yc, scale, out=out[rows])
-        return out, mask
-
-    @staticmethod
-    def mask_adc_grad(grad: Tensor, mask: Tensor, in_features: int) -> tuple[Tensor, None]:
-        """``grad`` with zeros where ``mask`` (outputs past the ADC bound), as a new tensor.
-
-        ``g - g·mask`` in float passes, block by block (``masked_fill`` is ~4x slower on
-        CPU).  The second result is for kernels that return ``grad`` itself plus a sparse
-        correction (``remove_from_weight_grad_`` / ``remove_from_input_grad_``, whose cost
-        grows with the tile's ``in_features``); never here.
-        """
-        out = torch.empty_like(grad)
-        for rows in _row_blocks(grad.shape[0], grad.shape[1], grad.device):
-            m = mask[rows].view(torch.int8).to(grad.dtype)
-            torch.addcmul(grad[rows], grad[rows], m, value=-1, out=out[rows])
-        return out, None
-
-    @staticmethod
-    def mask_clipped_grad_(
-        grad: Tensor, clip: Tensor, *, count: bool
-    ) -> tuple[Tensor, Tensor | None]:
-        """Zero ``grad`` in place where the input was clipped; return the §2.3 sums.
-
-        Returns ``Σ min(sign·g, 0)`` (fp32; ``= Σ_{x≥r} min(g, 0) − Σ_{x≤−r} max(g, 0)``) and,
-        with ``count``, the number of clipped inputs.  One block-wise chain: ``sign·g``,
-        ``g − sign·(sign·g)`` (0 exactly where clipped), the clamped sum.
-        """
-        total = torch.zeros((), dtype=torch.float32, device=grad.device)
-        n_clipped = torch.zeros((), dtype=torch.int64, device=grad.device) if count else None
-        for rows in _row_blocks(grad.shape[0], grad.shape[1], grad.device):
-            c = clip[rows]
-            sign = c.to(grad.dtype)
-            signed = grad[rows] * sign
-            grad[rows].addcmul_(signed, sign, value=-1)
-            total += signed.clamp_(max=0).sum(dtype=torch.float32)
-            if n_clipped is not None:
-                n_clipped += c.count_nonzero()
-        return total, n_clipped
-
-
 # --------------------------------------------------------------------------- the layer
 def _make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
     if seed is None:
@@ -350,7 +236,7 @@ def _forward(
 
     The elementwise chains around the matmuls (input quantization, ADC, and their
     gradient masks) come from ``elementwise``: ``TorchElementwise`` (the oracle) or a
-    class with the same static methods (``afm.numba_kernels.NumbaElementwise``).  On
+    class with the same static methods (``afm.kernels.numba_chains.NumbaElementwise``).  On
     CPU those chains, not the matmuls' overhead, decide how close the layer gets to
     ``nn.Linear``.
     """
@@ -363,8 +249,7 @@ def _forward(
     tiny = torch.finfo(torch.float32).tiny
 
     wn, on = config.weight_noise, config.output_noise
-    w_noise_on = wn.enabled and (training or wn.keep_at_eval)
-    o_noise_on = on.std > 0 and training
+    w_noise_on, o_noise_on = noise_in_mode(config, training)
     gen = _make_generator(seed, weight.device) if (w_noise_on or o_noise_on) else None
     a = abs_max
     if a is None and (n_out is not None or w_noise_on or o_noise_on):
@@ -373,6 +258,7 @@ def _forward(
     if w_noise_on:
         w_eff = noisy_weight(weight, a, bounds, wn.kind, wn.std, gen)
 
+    per_channel_adc = adc_per_channel(config)
     r_all = input_range.detach().float()
     out = None
     saved, units, clips, out_masks = [], [], [], []
@@ -409,7 +295,7 @@ def _forward(
         # ---- ADC (§4.2): Δ_out = 2B/n_out, B = bound · r · a ----
         out_mask = None
         if n_out is not None:
-            a_b = a[s] if config.clip.kind is ClipKind.GAUSSIAN_PER_CHANNEL else a[s].amax()
+            a_b = a[s] if per_channel_adc else a[s].amax()
             step = (2 * cfg_out.bound / n_out) * a_b.clamp_min(tiny) * r_per_unit
             out, out_mask = elementwise.adc_accumulate(y, step, unit, n_out, out, bias, save=save)
         elif out is None and bias is not None:
@@ -577,16 +463,14 @@ def analog_linear(
     ``training`` switches weight and output noise on; ``seed`` seeds this call's
     noise; ``abs_max`` optionally passes precomputed ``weight_abs_max`` statistics
     (the layer caches them in eval mode, where the weight does not change);
-    ``elementwise`` picks the implementation of the elementwise chains (``afm.ops``
+    ``elementwise`` picks the implementation of the elementwise chains (``afm.kernels.dispatch``
     passes the fused CPU kernels for backend "numba").
     """
     w = weight
     if config.weight_quant.bits is not None:
         w = fake_quantize_weight(w, config.weight_quant.bits, config.weight_quant.group_size)
         abs_max = None
-    noisy = (config.weight_noise.enabled and (training or config.weight_noise.keep_at_eval)) or (
-        training and config.output_noise.std > 0
-    )
+    noisy = any(noise_in_mode(config, training))
     if not (noisy or config.input.uses_range or config.input.dynamic):
         # Nothing analog left (e.g. the `ideal` preset): exactly nn.Linear.
         return torch.nn.functional.linear(x, w, bias)

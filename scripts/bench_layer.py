@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 import afm
-from afm import ops
-from afm.layers import AnalogLinear
+from afm.analog.layers import AnalogLinear
+from afm.kernels import dispatch as ops
 
 SHAPES = [
     # (tokens, in, out, tile width, output noise)

@@ -25,9 +25,9 @@ import time
 import torch
 
 import afm
-from afm.clipping import register_clip_hook
-from afm.distill import make_student
-from afm.kd_loss import kd_loss, naive_kd_loss, peak_cpu_memory
+from afm.analog.clipping import register_clip_hook
+from afm.training.distill import make_student
+from afm.training.kd_loss import kd_loss, naive_kd_loss, peak_cpu_memory
 
 
 def _random_llama(hidden: int, layers: int, ffn: int, vocab: int, heads: int = 4):

@@ -8,7 +8,7 @@
    meta-weights are programmed once.
 2. Three digital LoRA adapters are trained on this one base (rank ``--r`` on every
    analog layer, <= 5 % trainable parameters each; ``--task-a`` / ``--task-b`` pick
-   other bundled tasks from ``afm.lora_tasks``):
+   other bundled tasks from ``afm.toyworld.lora_tasks``):
    ``mul``        new operation (2-digit x 1-digit multiplication), trained under the
                   ``ahwa-lora`` hardware noise (analog layers in train mode);
    ``mul_noisefree`` the same task, same init and data, trained without noise (analog
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps-b", type=int, default=200, help="training steps of the task-b one")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--noise", default="pcm", help="deployment noise model (afm.noise)")
+    ap.add_argument("--noise", default="pcm", help="deployment noise model (afm.analog.noise)")
     ap.add_argument(
         "--noise-scales", default="1,3,5", help="deployment noise multipliers (comma separated)"
     )
@@ -63,10 +63,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import afm
     import afm.lora as L
-    from afm import lora_tasks as T
     from afm import toyworld as tw
+    from afm.analog.noise import apply_noise_, get_noise_model
     from afm.models import load_tokenizer, resolve_model
-    from afm.noise import apply_noise_, get_noise_model
+    from afm.toyworld import lora_tasks as T
 
     base_dir = resolve_model(args.base)
     if not (Path(base_dir) / "config.json").is_file():

@@ -7,7 +7,7 @@
 Every condition converts all linear layers except the LM head to ``AnalogLinear``
 (static input ranges calibrated on training-split text, ``input bits`` DAC and
 ``output bits`` ADC with ``bound``), programs the weights with AFM PCM programming
-noise (spec §5a) scaled by ``scale`` (``afm.noise.PCMProgrammingNoise``), and measures
+noise (spec §5a) scaled by ``scale`` (``afm.analog.noise.PCMProgrammingNoise``), and measures
 the toy world's test-split accuracies (``afm.toyworld.evaluate_arith`` /
 ``evaluate_facts``), mean ± std over ``--seeds`` noise seeds.
 """
@@ -25,8 +25,8 @@ import torch
 
 import afm
 from afm import toyworld as tw
+from afm.analog.noise import PCMProgrammingNoise, apply_noise_
 from afm.models import load_model, load_tokenizer, resolve_model
-from afm.noise import PCMProgrammingNoise, apply_noise_
 
 MARK_BEGIN, MARK_END = "<!-- robustness -->", "<!-- /robustness -->"
 

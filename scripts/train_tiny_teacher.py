@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from afm import toyworld as tw
-from afm.tokenizer import train_tokenizer
+from afm.toyworld.tokenizer import train_tokenizer
 
 
 def packed_rows(tok, docs, seq: int):

@@ -7,6 +7,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
+from helpers import tiny_llama_for  # noqa: E402
 
 torch.set_num_threads(2)
 
@@ -61,32 +62,13 @@ def tiny_model():
     return make
 
 
-def tiny_llama_for(tokenizer, *, max_positions=64, kv_heads=4, tie=False, seed=0):
-    """A tiny random Llama sized for ``tokenizer`` (special token ids taken from it)."""
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=kv_heads,
-        max_position_embeddings=max_positions,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=tie,
-    )
-    return transformers.LlamaForCausalLM(cfg)
-
-
 @pytest.fixture(scope="session")
 def toy_llama():
     """Factory: a tiny random Llama with a BPE tokenizer trained on toy-world text."""
     import itertools
 
     from afm import toyworld as tw
-    from afm.tokenizer import train_tokenizer
+    from afm.toyworld.tokenizer import train_tokenizer
 
     tok = train_tokenizer(list(itertools.islice(tw.training_documents(), 200)), vocab_size=300)
 

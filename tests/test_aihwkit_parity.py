@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import afm
-from afm.layers import AnalogLinear
+from afm.analog.layers import AnalogLinear
 
 aihwkit = pytest.importorskip("aihwkit_lightning", reason="aihwkit-lightning is not installed")
 

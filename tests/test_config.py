@@ -178,7 +178,7 @@ def test_fuzz_config_either_valid_or_named_valueerror(b_in, b_out, bound, kind, 
 
 
 def test_every_preset_names_a_valid_deployment_noise():
-    from afm.noise import get_noise_model
+    from afm.analog.noise import get_noise_model
     from afm.presets import eval_noise_of
 
     for name in PRESETS:
@@ -190,7 +190,7 @@ def test_every_preset_names_a_valid_deployment_noise():
 
 
 def test_w4a8_qat_preset_is_the_baseline_config():
-    from afm.baselines import w4a8_qat_config
+    from afm.export.rtn import w4a8_qat_config
 
     cfg = get_preset("w4a8-qat")
     assert w4a8_qat_config() == cfg

@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 
-from afm import ops
 from afm import reference as ref
 from afm.config import (
     AnalogConfig,
@@ -17,6 +16,9 @@ from afm.config import (
     WeightNoiseConfig,
     WeightNoiseKind,
 )
+from afm.kernels import dispatch as ops
+from afm.kernels import torch_chains as chains
+from afm.kernels.torch_chains import TorchElementwise
 
 
 def cfg(**kw):
@@ -111,10 +113,10 @@ def test_ideal_config_is_nn_linear():
 
 def _elementwise_chains():
     if not ops.numba_available():  # numba is an optional extra
-        return [ref.TorchElementwise]
-    from afm.numba_kernels import NumbaElementwise
+        return [TorchElementwise]
+    from afm.kernels.numba_chains import NumbaElementwise
 
-    return [ref.TorchElementwise, NumbaElementwise]
+    return [TorchElementwise, NumbaElementwise]
 
 
 @pytest.mark.parametrize("elementwise", _elementwise_chains(), ids=lambda c: c.__name__)
@@ -178,8 +180,8 @@ def test_row_blocks_change_nothing_but_the_range_sum_order(monkeypatch):
     config = cfg(max_input_size=40, input=InputQuantConfig(bits=8, decay=0.01))
     results = []
     for block in (1 << 30, 37):
-        monkeypatch.setattr(ref, "_BLOCK_ELEMENTS", block)
-        assert len(ref._row_blocks(60, 40, torch.device("cpu"))) == (1 if block > 2400 else 60)
+        monkeypatch.setattr(chains, "_BLOCK_ELEMENTS", block)
+        assert len(chains._row_blocks(60, 40, torch.device("cpu"))) == (1 if block > 2400 else 60)
         torch.manual_seed(0)
         x = (torch.randn(60, 100) * 1.5).requires_grad_()
         w = torch.randn(24, 100).requires_grad_()
@@ -196,7 +198,7 @@ def test_clip_sign_is_exact_at_the_range_edges():
     r = torch.tensor(0.75)
     below = torch.nextafter(r, torch.tensor(0.0)).item()
     x = torch.tensor([[0.75, -0.75, below, -below, 3.0, -3.0, 0.0, 0.1]])
-    xq, _, clip = ref.TorchElementwise.quantize_static_input(x, r, 2 * r / 254, save=True)
+    xq, _, clip = TorchElementwise.quantize_static_input(x, r, 2 * r / 254, save=True)
     assert clip.tolist() == [[1, -1, 0, 0, 1, -1, 0, 0]]  # x ≥ r and x ≤ -r, not |x| > r
     assert xq.tolist() == [[127.0, -127.0, 127.0, -127.0, 127.0, -127.0, 0.0, 17.0]]
 

@@ -8,11 +8,11 @@ small abs-max kernel when weight statistics are needed); backward = torch
 matmuls (cuBLAS) on the quantized input, recomputed from ``x``, and the noisy
 weight, regenerated from the seed.
 
-This module never imports afm: ``config`` is read duck-typed (attributes only;
-enums compared by their ``.value``), and the few helpers shared with the torch
-reference (tile split, weight fake-quantization, range gradient) are re-stated
-here, matching ``afm.reference`` expression by expression so results agree to
-the last bit wherever the arithmetic order allows.
+Of afm this module imports only the spec, ``afm.reference``: the tile split, the
+weight fake-quantization, the input-range gradient and the rules "which noise is on
+in this mode" and "is the ADC bound per channel" come from there, so both backends
+follow one definition.  ``config`` is otherwise read by attribute (enums compared by
+their ``.value``); the kernels themselves (``kernels.py``) import nothing from afm.
 
 Noise design
 ------------
@@ -51,7 +51,6 @@ fp16/bf16 before the ADC; the kernel is the more accurate of the two there.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,6 +58,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from afm import reference
 
 from . import kernels
 
@@ -69,7 +70,7 @@ __all__ = [
     "triton_analog_linear",
     "tile_absmax",
     "noisy_weight",
-    "fake_quantize_weight",
+    "tile_split",
 ]
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -107,7 +108,6 @@ class _Plan:
     adc_per_channel: bool
     w_noise_kind: str  # "none" | "add_gauss" | "add_gauss_per_channel"
     w_noise_std: float
-    w_noise_keep_at_eval: bool
     o_noise_std: float
     o_noise_per_channel: bool
     max_input_size: int | None
@@ -140,10 +140,9 @@ def _plan(config: Any) -> _Plan:
         in_mode=mode,
         decay=float(cin.decay),
         min_fraction=float(cin.min_fraction),
-        adc_per_channel=str(_val(config.clip.kind)) == "gaussian_per_channel",
+        adc_per_channel=reference.adc_per_channel(config),
         w_noise_kind=kind,
         w_noise_std=float(wn.std),
-        w_noise_keep_at_eval=bool(wn.keep_at_eval),
         o_noise_std=float(on.std),
         o_noise_per_channel=bool(on.per_channel),
         max_input_size=config.max_input_size,
@@ -154,58 +153,10 @@ def _plan(config: Any) -> _Plan:
 
 # --------------------------------------------------------------------------- torch helpers
 def tile_split(in_features: int, max_input_size: int | None) -> tuple[int, int, int]:
-    """``(S, base, extra)``: S balanced tiles, the first ``extra`` have ``base + 1`` columns.
-
-    Same split as ``afm.reference.tile_bounds`` (K=257, M=128 → 86, 86, 85).
-    """
-    if max_input_size is None or max_input_size >= in_features:
-        return 1, in_features, 0
-    n_tiles = math.ceil(in_features / max_input_size)
-    base, extra = divmod(in_features, n_tiles)
-    return n_tiles, base, extra
-
-
-def _bounds(n_tiles: int, base: int, extra: int) -> list[tuple[int, int]]:
-    out, start = [], 0
-    for s in range(n_tiles):
-        size = base + (1 if s < extra else 0)
-        out.append((start, start + size))
-        start += size
-    return out
-
-
-def fake_quantize_weight(weight: Tensor, bits: int = 4, group_size: int | None = None) -> Tensor:
-    """Symmetric RTN weight fake-quantization with a straight-through gradient.
-
-    The same function as ``afm.reference.fake_quantize_weight`` (re-stated: the
-    kernels package does not import afm); it runs in torch before the kernel.
-    """
-    if bits < 2:
-        raise ValueError(f"bits={bits} must be >= 2")
-    n_out, k = weight.shape
-    if group_size is not None and k % group_size != 0:
-        raise ValueError(f"group_size={group_size} does not divide in_features={k}")
-    qmax = 2 ** (bits - 1) - 1
-    w = weight.detach().float()
-    g = w if group_size is None else w.reshape(n_out, k // group_size, group_size)
-    scale = g.abs().amax(dim=-1, keepdim=True) / qmax
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.clamp(torch.round(g / scale), -qmax, qmax) * scale
-    q = q.reshape(n_out, k).to(weight.dtype)
-    return weight + (q - weight).detach()
-
-
-def _range_grad_from_masks(
-    grad: Tensor, upper: Tensor, lower: Tensor, r: Tensor, decay: float, min_fraction: float
-) -> Tensor:
-    """Spec §2.3, exactly as ``afm.reference._range_grad_from_masks``."""
-    g = grad.float()
-    out = r * (g.clamp(max=0)[upper].sum() - g.clamp(min=0)[lower].sum())
-    if decay > 0:
-        clipped = upper.sum() + lower.sum()
-        not_clipped = 1.0 - clipped.float() / upper.numel()
-        out = out + decay * r * (not_clipped > min_fraction).float()
-    return out
+    """``(S, base, extra)`` of ``afm.reference.tile_bounds``: S balanced tiles, the first
+    ``extra`` have ``base + 1`` columns (K=257, M=128 → 86, 86, 85)."""
+    sizes = [hi - lo for lo, hi in reference.tile_bounds(in_features, max_input_size)]
+    return len(sizes), sizes[-1], sum(size > sizes[-1] for size in sizes)
 
 
 def _splitmix64(z: int) -> int:
@@ -299,8 +250,7 @@ def _forward(
     n_tiles, base, extra = tile_split(k, plan.max_input_size)
     dev = x.device
 
-    w_noise_on = plan.w_noise_kind != "none" and (training or plan.w_noise_keep_at_eval)
-    o_noise_on = plan.o_noise_std > 0 and training
+    w_noise_on, o_noise_on = reference.noise_in_mode(config, training)
     has_adc = plan.n_out is not None
     need_a = has_adc or w_noise_on or o_noise_on
     if (w_noise_on or o_noise_on) and seed is None:
@@ -326,7 +276,10 @@ def _forward(
         r_per_unit = plan.n_in / 2
     elif plan.in_mode == kernels.IN_DYNAMIC:
         r_dyn = torch.stack(
-            [x2[:, lo:hi].float().abs().amax(dim=1) for lo, hi in _bounds(n_tiles, base, extra)]
+            [
+                x2[:, lo:hi].float().abs().amax(dim=1)
+                for lo, hi in reference.tile_bounds(k, plan.max_input_size)
+            ]
         ).clamp_min(_TINY)  # [S, M]
         unit = 2 * r_dyn / plan.n_in
         stride_us, stride_um = m, 1
@@ -451,7 +404,7 @@ class TritonAnalogLinearFunction(torch.autograd.Function):
         )
         grad_w = torch.empty_like(weight) if need_w else None
         grad_r = torch.zeros_like(r_all) if need_r else None
-        bounds = _bounds(n_tiles, base, extra)
+        bounds = reference.tile_bounds(x2.shape[1], plan.max_input_size)
         single = n_tiles == 1
         for s, (lo, hi) in enumerate(bounds):
             xf = (x2 if single else x2[:, lo:hi]).float()
@@ -491,8 +444,8 @@ class TritonAnalogLinearFunction(torch.autograd.Function):
                 if clip is not None:
                     upper, lower = clip
                     if need_r:
-                        grad_r[s] = _range_grad_from_masks(
-                            gx, upper, lower, r_all[s], plan.decay, plan.min_fraction
+                        grad_r[s] = reference.input_range_grad(
+                            xf, gx, r_s, plan.decay, plan.min_fraction
                         )
                     gx = gx.masked_fill(upper | lower, 0)
                 if need_x:
@@ -528,11 +481,9 @@ def triton_analog_linear(
     plan = _plan(config)
     w = weight
     if plan.wq_bits is not None:
-        w = fake_quantize_weight(w, plan.wq_bits, plan.wq_group_size)
+        w = reference.fake_quantize_weight(w, plan.wq_bits, plan.wq_group_size)
         abs_max = None  # statistics of the quantized weight
-    noisy = (plan.w_noise_kind != "none" and (training or plan.w_noise_keep_at_eval)) or (
-        training and plan.o_noise_std > 0
-    )
+    noisy = any(reference.noise_in_mode(config, training))
     if not (noisy or plan.in_mode != kernels.IN_NONE):
         return torch.nn.functional.linear(x, w, bias)
     tensors = (x, w, bias, input_range)

@@ -16,7 +16,8 @@ Modes (see ``docs/evaluation.md``)::
     afm-eval --ttc --model tiny --tasks toyworld_arith --max-n 64 --limit 50
 
 Writes ``<out>/<name>.md``, ``.json`` and ``.png``; prints the markdown table.  Bad
-input prints one line ``afm-eval: error: ...`` and exits with status 2.
+input prints one line ``afm-eval: error: ...`` and exits with status 2.  The pipeline
+is ``afm.evaluate.command.run_eval_request``.
 """
 
 from __future__ import annotations
@@ -27,22 +28,16 @@ import os
 import shlex
 import sys
 from collections.abc import Sequence
-from typing import Any
+
+from afm.cli.common import cli_main, make_parser
 
 PROG = "afm-eval"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit status 2
-        self.exit(2, f"{PROG}: error: {message}\n")
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(
-        prog=PROG,
-        description="Evaluate models on a simulated analog chip (noise, drift, sweeps, "
-        "test-time compute).",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = make_parser(
+        PROG,
+        "Evaluate models on a simulated analog chip (noise, drift, sweeps, test-time compute).",
     )
     g = p.add_argument_group("models and tasks")
     g.add_argument(
@@ -124,179 +119,15 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _noise_options(items: Sequence[str]) -> dict[str, Any]:
-    from afm.evaluate import EvalInputError
-    from afm.sweep import parse_value
+def _run(args: argparse.Namespace) -> int:
+    from afm.evaluate.command import EvalRequest, run_eval_request
 
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise EvalInputError(f"--noise-opt {item!r}: expected KEY=VALUE")
-        out[key.strip()] = parse_value(value)
-    return out
-
-
-def _seeds(text: str) -> int | list[int]:
-    from afm.evaluate import EvalInputError
-
-    try:
-        if "," in text:
-            return [int(s) for s in text.split(",") if s.strip()]
-        return int(text)
-    except ValueError:
-        raise EvalInputError(f"--seeds {text!r}: expected a count or a list of ints") from None
-
-
-def _ns(args: argparse.Namespace) -> list[int]:
-    from afm.evaluate import EvalInputError
-    from afm.ttc import check_ns, default_ns
-
-    try:
-        if args.ns:
-            return check_ns([int(x) for x in args.ns.split(",") if x.strip()])
-        return default_ns(args.max_n)
-    except ValueError as err:
-        raise EvalInputError(f"--ns/--max-n: {err}") from None
-
-
-def _limit(value: float | None) -> int | float | None:
-    from afm.evaluate import EvalInputError
-
-    if value is None:
-        return None
-    if value <= 0:
-        raise EvalInputError(f"--limit must be > 0, got {value:g}")
-    return int(value) if value >= 1 else value
-
-
-def run(args: argparse.Namespace) -> int:
-    from afm import evaluate as ev
-    from afm.noise import DRIFT_TIMES
-
-    progress = not args.quiet
-    if args.threads is not None:
-        if args.threads <= 0:
-            raise ev.EvalInputError(f"--threads must be > 0, got {args.threads}")
-        import torch
-
-        torch.set_num_threads(args.threads)
-    models = [ev.ModelSpec.parse(m) for m in args.model]
-    for m in models:
-        ev.check_model_spec(m)
-    if args.suite and args.tasks:
-        raise ev.EvalInputError("give --tasks or --suite, not both")
-    if args.suite:
-        specs, suite_meta = ev.load_suite(args.suite)
-    elif args.tasks:
-        specs, suite_meta = ev.parse_tasks(args.tasks), {}
-    else:
-        raise ev.EvalInputError("no tasks: give --tasks or --suite")
-    if args.num_fewshot is not None:
-        specs = [
-            s
-            if s.num_fewshot is not None
-            else ev.TaskSpec(s.task, args.num_fewshot, s.metric, s.limit)
-            for s in specs
-        ]
-    limit = _limit(args.limit)
-    noise_opts = _noise_options(args.noise_opt)
-    seeds = _seeds(args.seeds)
-    ns = _ns(args) if args.ttc else []
-    drift = None
-    if args.drift_times:
-        drift = (
-            list(DRIFT_TIMES)
-            if args.drift_times.strip() == "all"
-            else [t.strip() for t in args.drift_times.split(",") if t.strip()]
-        )
-    meta: dict[str, Any] = {
-        "command": " ".join([PROG] + [shlex.quote(a) for a in sys.argv[1:]]),
-        "models": [m.__dict__ for m in models],
-        "tasks": [s.__dict__ for s in specs],
-        "limit": limit,
-        **({"suite": suite_meta} if suite_meta else {}),
-    }
-
-    if args.sweep:
-        from afm.sweep import sweep_conditions
-
-        if drift:
-            raise ev.EvalInputError("--sweep and --drift-times cannot be combined")
-        conds = sweep_conditions(
-            args.sweep, noise=args.noise, noise_options=noise_opts, seeds=seeds
-        )
-        if not args.no_fp:
-            conds = [ev.Condition("fp")] + conds
-    else:
-        conds = ev.make_conditions(args.noise, seeds, drift, noise_opts, not args.no_fp)
-    if not conds:
-        raise ev.EvalInputError("nothing to evaluate (--no-fp without --noise)")
-
-    if args.ttc:
-        from afm import ttc
-
-        if len(specs) != 1:
-            raise ev.EvalInputError("--ttc takes exactly one task")
-        task = specs[0].task
-        if args.fast or task == "toyworld_arith":
-            source: Any = ttc.ToyArithSource(
-                limit=int(limit) if limit else None, spread=args.spread
-            )
-        else:
-            source = ttc.LmEvalSource(
-                task,
-                num_fewshot=specs[0].num_fewshot,
-                limit=limit,
-                include_path=args.include_path,
-                metric=specs[0].metric,
-            )
-        report = ttc.run_ttc(
-            models,
-            source,
-            ns,
-            conditions=conds,
-            scorers=args.scorer or ["verifier"],
-            temperature=args.temperature,
-            top_p=args.top_p,
-            max_new_tokens=args.max_new_tokens,
-            n_subsets=args.n_subsets,
-            sample_seed=args.sample_seed,
-            batch_size=args.sample_batch,
-            device=args.device,
-            title=args.title or f"test-time compute: {task}",
-            meta=meta,
-            progress=progress,
-        )
-        stem = args.name or "ttc"
-    else:
-        if args.fast:
-            runner: Any = ev.ToyRunner(
-                [s.task for s in specs], limit=int(limit) if limit else None, spread=args.spread
-            )
-        else:
-            runner = ev.LmEvalRunner(
-                specs,
-                include_path=args.include_path,
-                limit=limit,
-                spread=args.spread,
-                batch_size=args.batch_size,
-            )
-        if args.sweep:
-            stem, layout = args.name or "sweep", "conditions"
-        else:
-            stem, layout = args.name or ("drift" if drift else "eval"), "tasks"
-        report = ev.run_evaluation(
-            models,
-            runner,
-            conds,
-            device=args.device,
-            title=args.title or stem,
-            meta=meta,
-            progress=progress,
-        )
-        report.layout = layout
-    paths = report.write(args.out, stem)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.quiet:
+        os.environ.setdefault("TQDM_DISABLE", "1")
+    fields = {k: v for k, v in vars(args).items() if k != "model"}
+    command = " ".join([PROG] + [shlex.quote(a) for a in sys.argv[1:]])
+    report, paths = run_eval_request(EvalRequest(models=args.model, command=command, **fields))
     if not args.quiet:
         print(report.to_markdown())
     for kind, path in paths.items():
@@ -305,20 +136,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if args.quiet:
-        os.environ.setdefault("TQDM_DISABLE", "1")
-    from afm.evaluate import EvalInputError
-
-    try:
-        return run(args)
-    except (EvalInputError, ValueError, FileNotFoundError, ImportError) as err:
-        # EvalInputError: bad input; ValueError: validation in afm.config / noise / ttc
-        msg = " ".join(str(err).split())
-        print(f"{PROG}: error: {msg}", file=sys.stderr)
-        return 2
+    return cli_main(PROG, _parser(), argv, _run)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -12,15 +12,17 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from afm.cli.common import cli_main, make_parser
+
+PROG = "afm-export"
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="afm-export",
-        description=(
-            "Export a model (plain or afm) as symmetric round-to-nearest 4-bit weights in "
-            "the compressed-tensors pack-quantized format (loads with plain transformers "
-            "and vLLM). Analog layers are exported as their digital weights."
-        ),
+    parser = make_parser(
+        PROG,
+        "Export a model (plain or afm) as symmetric round-to-nearest 4-bit weights in the "
+        "compressed-tensors pack-quantized format (loads with plain transformers and vLLM). "
+        "Analog layers are exported as their digital weights.",
     )
     parser.add_argument(
         "--model", required=True, help="checkpoint directory, afm alias (e.g. 'tiny') or hub id"
@@ -46,24 +48,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # --help, or a usage error argparse already printed
-        return int(exc.code or 0)
-
+def _run(args: argparse.Namespace) -> int:
     from afm.export import DEFAULT_SKIP, export_int4
 
     skip = DEFAULT_SKIP if args.skip is None else tuple(args.skip)
-    try:
-        summary = export_int4(args.model, args.out, group_size=args.group_size, skip=skip)
-    except (ValueError, ImportError, OSError) as err:
-        message = " ".join(str(err).split())
-        print(f"afm-export: error: {message}", file=sys.stderr)
-        return 2
-    print(summary)
+    print(export_int4(args.model, args.out, group_size=args.group_size, skip=skip))
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return cli_main(PROG, build_parser(), argv, _run)
 
 
 if __name__ == "__main__":  # pragma: no cover

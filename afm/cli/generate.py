@@ -4,22 +4,21 @@
     torchrun --nproc_per_node 8 -m afm.cli.generate --model phi-3-mini --output data/phi3 \\
         --config configs/train/phi3-mini-paper.yaml
 
-Keys are the fields of ``afm.data.SyntheticDataConfig`` (``num_tokens``, ``seq_len``,
-``sequences_per_shard``, ``batch_size``, ``temperature``, ``top_k``, ``top_p``,
-``eos``, ``prompts_file``, ``seed``, ``backend``), given bare or as ``data.KEY``;
-``--config`` reads the ``data:`` section of a run YAML (or a flat mapping).
-Interrupted runs resume at the next missing shard; under torchrun / accelerate
-launch each rank writes its own shards.  Prints the stats summary as JSON.
+Keys are the fields of ``afm.training.data_config.SyntheticDataConfig`` (``num_tokens``,
+``seq_len``, ``sequences_per_shard``, ``batch_size``, ``temperature``, ``top_k``,
+``top_p``, ``eos``, ``prompts_file``, ``seed``, ``backend``), given bare or as
+``data.KEY``; ``--config`` reads the ``data:`` section of a run YAML (or a flat
+mapping).  Interrupted runs resume at the next missing shard; under torchrun /
+accelerate launch each rank writes its own shards.  Prints the stats summary as JSON.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import argparse
 import json
 import sys
-from typing import Any
 
-from afm.cli._common import CliError, make_parser, run_cli, setup_logging
+from afm.cli.common import cli_main, make_parser, setup_logging
 
 PROG = "afm-generate"
 
@@ -35,64 +34,21 @@ def _parser():  # noqa: ANN202
     return p
 
 
-def build_data_config(config_file: str | None, sets: list[str]) -> Any:
-    from afm.data import SyntheticDataConfig
-    from afm.train_config import ConfigError, _coerce, load_yaml, parse_set
+def _run(args: argparse.Namespace) -> int:
+    from afm.training.data import generate_for_model
+    from afm.training.run_config import data_config_from
 
-    names = {f.name for f in dataclasses.fields(SyntheticDataConfig)}
-    values: dict[str, Any] = {}
-    if config_file:
-        raw = load_yaml(config_file)
-        section = raw.get("data", raw if not ({"train", "eval", "model"} & set(raw)) else {})
-        if not isinstance(section, dict):
-            raise ConfigError(f"config file {config_file!r}: 'data' must be a mapping")
-        for k, v in section.items():
-            if k not in names:
-                raise ConfigError(f"config file {config_file!r}: unknown data key {k!r}")
-            values[k] = v
-    for item in sets:
-        key, value = parse_set(item)
-        key = key[5:] if key.startswith("data.") else key
-        if key not in names:
-            raise ConfigError(
-                f"--set {item!r}: unknown key {key!r}; allowed: {', '.join(sorted(names))}"
-            )
-        values[key] = value
-    try:
-        return SyntheticDataConfig(**_coerce(SyntheticDataConfig, values))
-    except (TypeError, ValueError) as err:
-        raise ConfigError(str(err)) from None
+    setup_logging(args.quiet)
+    cfg = data_config_from(args.config, args.set)
+    stats = generate_for_model(
+        args.model, args.output, cfg, device=args.device, progress=not args.quiet
+    )
+    print(json.dumps(stats, indent=2))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    setup_logging(args.quiet)
-
-    def go() -> int:
-        import torch
-
-        from afm.data import generate_synthetic_data
-        from afm.models import load_model, load_tokenizer
-
-        cfg = build_data_config(args.config, args.set)
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if torch.distributed.is_available() and "LOCAL_RANK" in __import__("os").environ:
-            local = int(__import__("os").environ["LOCAL_RANK"])
-            if device == "cuda":
-                device = f"cuda:{local}"
-        try:
-            torch.device(device)
-        except RuntimeError:
-            raise CliError(f"--device {device!r} is not a valid torch device") from None
-        model = load_model(args.model).to(device)
-        tokenizer = load_tokenizer(args.model)
-        stats = generate_synthetic_data(
-            model, tokenizer, args.output, cfg, model_name=args.model, progress=not args.quiet
-        )
-        print(json.dumps(stats, indent=2))
-        return 0
-
-    return run_cli(PROG, go)
+    return cli_main(PROG, _parser(), argv, _run)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,133 @@
+"""Input-range initialisation from data as a separate no-grad pass (spec §2.4).
+
+Running this before the optimizer and any distributed engine wrap the parameters
+avoids the two problems of updating ``r.data`` inside a training forward: fights
+with ZeRO / FSDP master copies and a host sync every step.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from afm.analog.layers import AnalogLinear
+from afm.reference import init_range_update
+
+logger = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def calibrate_input_ranges_(
+    model: nn.Module, batches: Iterable[Any], *, max_steps: int | None = None, progress: bool = True
+) -> int:
+    """Set every analog layer's ``input_range`` from the data, in place.
+
+    For the first ``init_steps`` batches (the layer config's, or ``max_steps``)
+    ``r ← |(r·k + α·std(x_tile)) / (k + 1)|``.  Each layer clips and quantizes with
+    its updated range, so downstream layers see the inputs they will see in training.
+    Batches are dicts of model kwargs (``input_ids``, ``attention_mask``...) or tensors.
+    Returns the number of batches used.
+    """
+    layers = [
+        m
+        for m in model.modules()
+        if isinstance(m, AnalogLinear) and m.analog_config.input.uses_range
+    ]
+    if not layers:
+        logger.info("calibrate_input_ranges_: no analog layers with input ranges")
+        return 0
+    steps = (
+        max_steps
+        if max_steps is not None
+        else max(layer.analog_config.input.init_steps for layer in layers)
+    )
+    counts = {id(layer): 0 for layer in layers}
+
+    def pre_hook(layer: AnalogLinear, args: tuple) -> None:
+        k = counts[id(layer)]
+        if k >= layer.analog_config.input.init_steps and max_steps is None:
+            return
+        x = args[0].reshape(-1, layer.in_features)
+        alpha = layer.analog_config.input.init_std_alpha
+        for s, (lo, hi) in enumerate(layer.tile_bounds):
+            layer.input_range.data[s] = init_range_update(
+                layer.input_range.data[s], x[:, lo:hi], k, alpha
+            )
+        counts[id(layer)] = k + 1
+
+    handles = [layer.register_forward_pre_hook(pre_hook) for layer in layers]
+    was_training = model.training
+    model.eval()
+    used = 0
+    try:
+        device = next(model.parameters()).device
+        for batch in tqdm(
+            batches, total=steps, desc="calibrating input ranges", disable=not progress
+        ):
+            if used >= steps:
+                break
+            if isinstance(batch, Mapping):
+                model(
+                    **{
+                        k: v.to(device) if torch.is_tensor(v) else v
+                        for k, v in batch.items()
+                        if k != "labels"
+                    }
+                )
+            else:
+                model(batch.to(device))
+            used += 1
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    logger.info("calibrated input ranges of %d layers on %d batches", len(layers), used)
+    return used
+
+
+def calibrate_on_texts(
+    model: nn.Module,
+    tokenizer: Any,
+    texts: Iterable[str],
+    *,
+    batch_size: int = 16,
+    max_steps: int = 20,
+    max_length: int | None = None,
+    padding_side: str | None = None,
+    progress: bool = False,
+) -> int:
+    """:func:`calibrate_input_ranges_` on ``texts`` tokenized in batches of ``batch_size``.
+
+    ``max_length`` truncates each text; ``padding_side`` (``"left"`` / ``"right"``)
+    overrides the tokenizer's for the duration of the call.  Returns the batches used.
+    """
+    texts = list(texts)
+    if not texts:
+        raise ValueError("no calibration texts given")
+    device = next(model.parameters()).device
+
+    def batches() -> Iterator[dict[str, torch.Tensor]]:
+        old = tokenizer.padding_side
+        if padding_side is not None:
+            tokenizer.padding_side = padding_side
+        try:
+            for i in range(0, len(texts), batch_size):
+                enc = tokenizer(
+                    texts[i : i + batch_size],
+                    return_tensors="pt",
+                    padding=True,
+                    truncation=max_length is not None,
+                    max_length=max_length,
+                )
+                yield {
+                    k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")
+                }
+        finally:
+            tokenizer.padding_side = old
+
+    return calibrate_input_ranges_(model, batches(), max_steps=max_steps, progress=progress)

@@ -1,0 +1,116 @@
+"""Loading what a :class:`~afm.evaluate.specs.ModelSpec` names: checkpoint or plain
+model, optionally RTN-W4 quantized, converted with a preset and calibrated.
+
+afm checkpoints load with their analog layers: this module imports ``afm.analog.hf``
+(through ``afm.analog.convert``), which registers the "afm" quantization method.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from afm.analog.calibration import calibrate_on_texts
+from afm.analog.convert import convert
+from afm.evaluate.specs import EvalInputError, ModelSpec
+from afm.export.rtn import rtn_w4
+from afm.models import ModelNotFoundError, load_model, load_tokenizer, resolve_model
+from afm.presets import PRESETS, get_preset
+from afm.toyworld.world import training_documents
+
+__all__ = ["DTYPES", "check_model_spec", "load_model_spec"]
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _calibration_texts(source: str, n: int) -> list[str]:
+    if source == "toyworld":
+        docs = training_documents()
+        return [next(docs) for _ in range(n)]
+    path = Path(source)
+    if not path.is_file():
+        raise EvalInputError(
+            f"calibration data {source!r} is neither 'toyworld', 'none' nor a file"
+        )
+    texts = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("{"):
+            line = json.loads(line).get("text", "")
+        texts.append(line)
+        if len(texts) >= n:
+            break
+    if not texts:
+        raise EvalInputError(f"calibration file {source!r} has no text")
+    return texts
+
+
+def _calibrate(model: nn.Module, tokenizer: Any, spec: ModelSpec) -> None:
+    texts = _calibration_texts(spec.calib, spec.calib_steps * 8)
+    n = calibrate_on_texts(
+        model,
+        tokenizer,
+        texts,
+        batch_size=8,
+        max_steps=-(-len(texts) // 8),
+        max_length=min(512, getattr(tokenizer, "model_max_length", 512) or 512),
+        padding_side="right",
+    )
+    logger.info("calibrated input ranges of %s on %d batches (%s)", spec.name, n, spec.calib)
+
+
+def check_model_spec(spec: ModelSpec) -> None:
+    """Cheap checks before anything is loaded: dtype, preset, calibration source, and
+    that a local path (absolute, ``./``, ``~``, or the ``tiny`` alias) exists."""
+    if spec.dtype not in DTYPES:
+        raise EvalInputError(f"dtype={spec.dtype!r}: choose one of {sorted(DTYPES)}")
+    if spec.preset is not None and spec.preset not in PRESETS:
+        raise EvalInputError(f"unknown preset {spec.preset!r}; available: {', '.join(PRESETS)}")
+    if spec.calib not in ("toyworld", "none") and not Path(spec.calib).is_file():
+        raise EvalInputError(
+            f"calibration data {spec.calib!r} is neither 'toyworld', 'none' nor a file"
+        )
+    resolved = resolve_model(spec.path)
+    local = resolved.startswith((".", "/", "~")) or resolved != spec.path
+    if local and not (Path(resolved).expanduser() / "config.json").is_file():
+        raise EvalInputError(f"checkpoint {spec.path!r} not found (no config.json in {resolved})")
+
+
+def load_model_spec(spec: ModelSpec, device: str | torch.device = "cpu") -> tuple[nn.Module, Any]:
+    """Load (and convert / quantize / calibrate) a model and its tokenizer, in eval mode."""
+    check_model_spec(spec)
+    try:
+        model = load_model(spec.path, dtype=DTYPES[spec.dtype])
+        tokenizer = load_tokenizer(spec.path)
+    except ModelNotFoundError as err:
+        raise EvalInputError(str(err).split(". Known aliases")[0]) from err
+    except OSError as err:
+        raise EvalInputError(f"cannot load model {spec.path!r}: {err}") from err
+    device = torch.device(device)
+    model.to(device)
+    if spec.rtn_w4:
+        try:
+            model = rtn_w4(model, group_size=spec.group_size) or model
+        except ValueError as err:
+            raise EvalInputError(f"rtn_w4: {err}") from None
+    if spec.preset is not None:
+        try:
+            config = get_preset(spec.preset)
+        except ValueError as err:
+            raise EvalInputError(str(err)) from None
+        convert(model, config)
+        if config.input.uses_range and spec.calib.lower() != "none":
+            _calibrate(model, tokenizer, spec)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    return model, tokenizer

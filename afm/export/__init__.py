@@ -1,0 +1,22 @@
+"""Digital exports and the W4 baselines of the AFM paper.
+
+* ``rtn`` — RTN-W4 in place (an evaluation condition) and the W4A8-QAT config;
+* ``int4`` — the 4-bit compressed-tensors ``pack-quantized`` checkpoint (``afm-export``),
+  ``summary`` — what it wrote.
+"""
+
+from afm.export.int4 import export_int4, find_adapter_layers
+from afm.export.rtn import DEFAULT_SKIP, W4_BITS, rtn_w4, select_w4_layers, w4a8_qat_config
+from afm.export.summary import ExportSummary, LayerExport
+
+__all__ = [
+    "DEFAULT_SKIP",
+    "ExportSummary",
+    "LayerExport",
+    "W4_BITS",
+    "export_int4",
+    "find_adapter_layers",
+    "rtn_w4",
+    "select_w4_layers",
+    "w4a8_qat_config",
+]

@@ -1,0 +1,322 @@
+"""Distillation of an analog student from its FP teacher (the AFM recipe), on accelerate.
+
+    student = make_student(teacher, "afm-paper")
+    result = distill(teacher, student, dataset, DistillConfig(...), "runs/x")
+
+The loop is written on ``accelerate`` directly (not the HF Trainer) so that it
+controls what the analog recipe needs: an input-range calibration pass before
+any engine wraps the model, weight clipping on the parameters the optimizer
+really updates (the fp32 master weights, :mod:`afm.training.engines`), skipping of
+non-finite steps on all ranks at once (:mod:`afm.training.step`), and checkpoints
+that resume the exact trajectory (weights, optimizer, scheduler, per-rank RNG and
+data position; safetensors + JSON, no pickles: :mod:`afm.training.checkpoint`).
+``accelerate launch`` with the configs in ``configs/accelerate`` runs it on one GPU,
+DDP, FSDP or DeepSpeed ZeRO-2.
+
+FSDP and ZeRO-3 shard the student's parameters in place, and DeepSpeed keeps the
+fp32 masters apart from the module's (fp16) parameters, so under those engines the
+module passed in is not the trained student: :class:`DistillResult` ``.model`` is,
+rebuilt on the main process from the fp32 masters — save that one.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from afm.analog.calibration import calibrate_input_ranges_
+from afm.analog.convert import convert
+from afm.analog.hf import attach_quantization_config
+from afm.analog.layers import analog_layers
+from afm.config import AnalogConfig
+from afm.presets import get_preset
+from afm.training.batches import BatchOrder
+from afm.training.checkpoint import (
+    list_checkpoints,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+)
+from afm.training.distill_config import TEACHER_DTYPES, DistillConfig
+from afm.training.engines import (
+    clip_after_step,
+    full_parameters,
+    make_accelerator,
+    needs_gathered_copy,
+    rebuild,
+    skeleton,
+)
+from afm.training.progress import TrainLog
+from afm.training.step import Stepper
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DistillResult",
+    "distill",
+    "make_student",
+    "param_groups",
+    "save_student",
+]
+
+
+@dataclass
+class DistillResult:
+    steps: int
+    skipped_steps: int
+    resumed_from: int | None
+    final_loss: float | None
+    log: list[dict[str, Any]] = field(default_factory=list)
+    # The trained student, whole and in fp32: the module passed in (single device, DDP),
+    # or under FSDP / DeepSpeed a copy rebuilt on the main process from the gathered fp32
+    # master weights (``None`` on the other ranks).
+    model: nn.Module | None = None
+
+
+# --------------------------------------------------------------------------- model set-up
+
+
+def make_student(
+    teacher: nn.Module, preset: str | AnalogConfig = "afm-paper", **convert_kwargs: Any
+) -> nn.Module:
+    """A deep copy of ``teacher`` with its linear layers converted (output head stays digital)."""
+    config = get_preset(preset) if isinstance(preset, str) else preset
+    student = copy.deepcopy(teacher)
+    for p in student.parameters():
+        p.requires_grad_(True)
+    convert(student, config, **convert_kwargs)
+    for layer in analog_layers(student).values():
+        layer.input_range.requires_grad_(layer.analog_config.input.uses_range)
+    student.train()
+    return student
+
+
+def _freeze_teacher(teacher: nn.Module, cfg: DistillConfig, device: torch.device) -> nn.Module:
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    if cfg.teacher_dtype is not None:
+        teacher.to(TEACHER_DTYPES[cfg.teacher_dtype])
+    teacher.to(torch.device(cfg.teacher_device) if cfg.teacher_device else device)
+    return teacher
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: decay on matrices; none on biases, norms and ``input_range``."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name.endswith("input_range") or p.ndim < 2 or "norm" in name.lower():
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def _prepare_student(student: nn.Module, cfg: DistillConfig, device: torch.device) -> None:
+    student.to(device)
+    student.train()
+    if getattr(student, "config", None) is not None:
+        student.config.use_cache = False
+    if cfg.gradient_checkpointing:
+        # Non-reentrant checkpointing restores the RNG for the recompute, so the
+        # analog noise of the recomputed forward is the noise of the original one.
+        if hasattr(student, "activation_checkpointing_enable"):  # transformers >= 5.x
+            student.activation_checkpointing_enable(
+                activation_checkpointing_kwargs={"use_reentrant": False}
+            )
+        else:
+            student.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+
+
+def _calibrate(
+    student: nn.Module, order: BatchOrder, cfg: DistillConfig, pad_id: int, progress: bool
+) -> None:
+    n_cal = cfg.calibration_batches
+    if n_cal is None:
+        n_cal = max(
+            (la.analog_config.input.init_steps for la in analog_layers(student).values()),
+            default=0,
+        )
+    if n_cal > 0:
+        calibrate_input_ranges_(
+            student,
+            (order.collate(i, pad_id) for i in order.calibration(n_cal)),
+            max_steps=n_cal,
+            progress=progress,
+        )
+
+
+def _optimizer_and_schedule(student: nn.Module, cfg: DistillConfig, world: int, total: int):
+    from transformers import get_polynomial_decay_schedule_with_warmup
+
+    lr = cfg.lr * (world if cfg.scale_lr_by_world_size else 1)
+    optimizer = torch.optim.AdamW(
+        param_groups(student, cfg.weight_decay),
+        lr=lr,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        eps=cfg.adam_eps,
+    )
+    scheduler = get_polynomial_decay_schedule_with_warmup(
+        optimizer,
+        num_warmup_steps=int(round(cfg.warmup_ratio * total)),
+        num_training_steps=total,
+        lr_end=cfg.lr_end,
+        power=cfg.lr_power,
+    )
+    return optimizer, scheduler
+
+
+def _finished_student(acc: Any, model: nn.Module, shell: nn.Module | None, cfg: DistillConfig):
+    """The whole trained student (main process), in eval mode."""
+    acc.wait_for_everyone()
+    if shell is not None:
+        full = full_parameters(acc, model)  # collective: every rank takes part
+        trained = rebuild(shell, full) if acc.is_main_process else None
+    else:
+        trained = acc.unwrap_model(model)
+    if trained is not None:
+        if cfg.gradient_checkpointing:
+            disable = getattr(trained, "activation_checkpointing_disable", None) or (
+                trained.gradient_checkpointing_disable
+            )
+            disable()
+        trained.eval()
+    return trained
+
+
+# --------------------------------------------------------------------------- training
+
+
+def distill(
+    teacher: nn.Module,
+    student: nn.Module,
+    dataset: Any,
+    config: DistillConfig,
+    output_dir: str | Path,
+    *,
+    pad_id: int = 0,
+    accelerator: Any = None,
+    resume: bool = True,
+    max_steps_this_run: int | None = None,
+    progress: bool = True,
+) -> DistillResult:
+    """Distil ``teacher`` into the analog ``student`` on ``dataset`` (rows of ``input_ids``).
+
+    Checkpoints go to ``output_dir/checkpoints``; with ``resume`` the latest one is
+    loaded first (same config and dataset size required) and the run continues the
+    same trajectory.  ``max_steps_this_run`` stops early (time-sliced jobs, tests).
+    The student is trained in place (single device, DDP); under FSDP / DeepSpeed use
+    ``result.model``, the whole fp32 student gathered onto the main process.  Either
+    way ``result.model`` is the one to save with :func:`save_student`.
+    """
+    cfg = config
+    if not analog_layers(student):
+        raise ValueError("the student has no AnalogLinear layers: use make_student / afm.convert")
+    acc = accelerator if accelerator is not None else make_accelerator(cfg)
+    if getattr(acc, "is_fsdp2", False):
+        raise ValueError(
+            "FSDP2 (fsdp_version: 2) is not supported: clipping and checkpoints use FSDP v1 "
+            "APIs; set fsdp_version: 1 (configs/accelerate/fsdp-multinode.yaml)"
+        )
+    rank, world = acc.process_index, acc.num_processes
+    out = Path(output_dir)
+    ckpt_root = out / "checkpoints"
+    order = BatchOrder(dataset, cfg.per_device_batch_size, world, cfg.grad_accum_steps, cfg.seed)
+    if order.steps_per_epoch < 1:
+        raise ValueError(
+            f"the dataset has {order.n} sequences, fewer than one global batch "
+            f"({order.global_batch} = {cfg.per_device_batch_size} per device × {world} "
+            f"processes × {cfg.grad_accum_steps} accumulation)"
+        )
+    total = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * order.steps_per_epoch))
+    fingerprint = cfg.fingerprint(order.n)
+    teacher = _freeze_teacher(teacher, cfg, acc.device)
+    _prepare_student(student, cfg, acc.device)
+
+    checkpoints = list_checkpoints(ckpt_root) if resume else []
+    ckpt = checkpoints[-1] if checkpoints else None
+    if ckpt is None:
+        _calibrate(student, order, cfg, pad_id, progress and acc.is_main_process)
+    optimizer, scheduler = _optimizer_and_schedule(student, cfg, world, total)
+    shell = skeleton(student) if needs_gathered_copy(acc) else None
+    model, optimizer = acc.prepare(student, optimizer)
+    clip_fn, clip_handle = clip_after_step(acc, model, optimizer)
+
+    start, skipped, resumed_from = 0, 0, None
+    if ckpt is not None:
+        state = load_checkpoint(acc, model, optimizer, scheduler, ckpt)
+        if state["fingerprint"] != fingerprint:
+            raise RuntimeError(
+                f"checkpoint {ckpt} belongs to a run with different settings; "
+                "use another output directory"
+            )
+        start, skipped, resumed_from = state["step"], state["skipped_steps"], state["step"]
+        logger.info("resumed from %s (step %d)", ckpt, start)
+    else:
+        torch.manual_seed(cfg.seed * 7919 + rank + 1)  # noise streams differ per rank
+    end = total if max_steps_this_run is None else min(total, start + max_steps_this_run)
+
+    stepper = Stepper(acc, model, teacher, optimizer, order, cfg, pad_id, clip_fn)
+    log = TrainLog(
+        out,
+        start=start,
+        total=total,
+        end=end,
+        skipped=skipped,
+        logging_steps=cfg.logging_steps,
+        main_process=acc.is_main_process,
+        progress=progress,
+    )
+    try:
+        for step in range(start, end):
+            outcome = stepper.run(step)
+            scheduler.step()
+            log.record(step, outcome, scheduler.get_last_lr()[0], acc)
+            done = step + 1
+            if cfg.save_steps and (done % cfg.save_steps == 0 or done == end) and done < total:
+                state = {
+                    "step": done,
+                    "skipped_steps": log.skipped,
+                    "total_steps": total,
+                    "world_size": world,
+                    "fingerprint": fingerprint,
+                }
+                save_checkpoint(acc, model, optimizer, scheduler, ckpt_root, state)
+                if acc.is_main_process:
+                    prune_checkpoints(ckpt_root, cfg.save_total_limit)
+    finally:
+        log.close()
+        if clip_handle is not None:
+            clip_handle.remove()
+    return DistillResult(
+        steps=end,
+        skipped_steps=log.skipped,
+        resumed_from=resumed_from,
+        final_loss=log.last_loss,
+        log=log.rows,
+        model=_finished_student(acc, model, shell, cfg),
+    )
+
+
+def save_student(student: nn.Module, out_dir: str | Path) -> Path:
+    """``save_pretrained`` with the afm quantization config (loads after ``import afm``).
+
+    Pass the whole student (``DistillResult.model``, on the main process)."""
+    out = Path(out_dir)
+    attach_quantization_config(student)
+    student.save_pretrained(out, safe_serialization=True)
+    return out

@@ -1,0 +1,99 @@
+"""Optimisation and loss settings of the distillation trainer (``train.*`` keys)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from afm.validation import check_choice, check_int, fail
+
+__all__ = ["MIXED_PRECISION", "TEACHER_DTYPES", "DistillConfig"]
+
+MIXED_PRECISION = ("no", "bf16", "fp16")
+TEACHER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Optimisation and loss settings; defaults are the AFM paper's."""
+
+    max_steps: int | None = None
+    """Optimizer steps; None derives them from ``num_epochs``."""
+    num_epochs: float = 2.0
+    per_device_batch_size: int = 4
+    grad_accum_steps: int = 1
+    lr: float = 5e-7
+    """Peak learning rate per process (paper: 5e-7 per GPU)."""
+    scale_lr_by_world_size: bool = True
+    """Multiply ``lr`` by the number of processes (the paper's rule)."""
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.98
+    adam_eps: float = 1e-6
+    weight_decay: float = 0.01
+    """Decoupled weight decay on matrices; never on biases, norms or ``input_range``."""
+    warmup_ratio: float = 0.016
+    lr_end: float = 0.0
+    lr_power: float = 1.0
+    """Polynomial decay power (1 = linear)."""
+    max_grad_norm: float | None = 1.0
+    temperature: float = 1.0
+    beta: float = 1.0
+    """Weight of the KD term; ``1 - beta`` weights the next-token LM loss."""
+    kd_chunk_size: int = 1024
+    calibration_batches: int | None = None
+    """Input-range calibration batches; None uses the preset's ``init_steps``."""
+    mixed_precision: str = "no"
+    """"no", "bf16" or "fp16" (autocast; master weights stay fp32)."""
+    gradient_checkpointing: bool = False
+    teacher_dtype: str | None = None
+    """Run the teacher in "bfloat16" / "float16" / "float32" (None: unchanged)."""
+    teacher_device: str | None = None
+    """Put the teacher on another device (None: the training device)."""
+    save_steps: int | None = 500
+    save_total_limit: int | None = 2
+    logging_steps: int = 10
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        def bad(name: str, why: str) -> None:
+            fail("train", name, getattr(self, name), why)
+
+        for name in ("max_steps", "save_steps", "save_total_limit"):
+            check_int("train", name, getattr(self, name), minimum=1, allow_none=True)
+        for name in ("per_device_batch_size", "grad_accum_steps", "kd_chunk_size", "logging_steps"):
+            check_int("train", name, getattr(self, name), minimum=1)
+        for name in ("num_epochs", "lr", "temperature"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                bad(name, "must be a number > 0")
+        for name in ("adam_beta1", "adam_beta2", "warmup_ratio", "beta"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
+                bad(name, "must be in [0, 1]")
+        for name in ("adam_eps", "weight_decay", "lr_end", "lr_power"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+                bad(name, "must be a number >= 0")
+        if self.max_grad_norm is not None and not (
+            isinstance(self.max_grad_norm, (int, float)) and self.max_grad_norm > 0
+        ):
+            bad("max_grad_norm", "must be > 0 or None")
+        if self.calibration_batches is not None and (
+            not isinstance(self.calibration_batches, int) or self.calibration_batches < 0
+        ):
+            bad("calibration_batches", "must be an int >= 0 or None")
+        check_choice("train", "mixed_precision", self.mixed_precision, MIXED_PRECISION)
+        if self.teacher_dtype is not None and self.teacher_dtype not in TEACHER_DTYPES:
+            bad("teacher_dtype", f"must be one of {sorted(TEACHER_DTYPES)} or None")
+        check_int("train", "seed", self.seed)
+
+    def fingerprint(self, dataset_size: int) -> dict[str, Any]:
+        """What a resumed run must share with the checkpoint (not the saving cadence)."""
+        d = dataclasses.asdict(self)
+        for k in ("save_steps", "save_total_limit", "logging_steps"):
+            d.pop(k)
+        d["dataset_size"] = dataset_size
+        return d

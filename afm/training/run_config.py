@@ -1,0 +1,354 @@
+"""The resolved configuration of one ``afm-train`` run: YAML in, JSON out, ``--set`` overrides.
+
+Precedence (later wins): dataclass defaults < the model alias's defaults
+(:data:`MODEL_DEFAULTS`, e.g. ``tiny``) < ``--config run.yaml`` < ``--preset`` /
+``--output`` flags < ``--set key=value``.  Keys are dotted paths into
+:class:`RunConfig`: ``preset``, ``data.num_tokens``, ``train.lr``, ``eval.seeds`` ...
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from afm.analog.noise import get_noise_model
+from afm.config import AnalogConfig, set_by_path
+from afm.presets import eval_noise_of, get_preset
+from afm.training.data_config import SyntheticDataConfig
+from afm.training.distill_config import DistillConfig
+from afm.validation import check_int, check_real, fail
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ConfigError",
+    "EvalConfig",
+    "RunConfig",
+    "MODEL_DEFAULTS",
+    "build_run_config",
+    "coerce_fields",
+    "data_config_from",
+    "parse_set",
+    "load_yaml",
+]
+
+
+class ConfigError(ValueError):
+    """An invalid key or value in a run configuration (message names it)."""
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """The before/after table on the model's bundled tasks (toy world for ``tiny``)."""
+
+    enabled: bool = True
+    preset: str | None = None
+    """Chip of the evaluation (input/output quantization); None: the training preset."""
+    noise: str | None = None
+    """Deployment noise model (``afm.analog.noise.get_noise_model`` name); None: the chip
+    preset's own evaluation noise (``afm.presets.eval_noise_of``), else PCM."""
+    noise_scale: float | None = None
+    """Scale of the noise; None: the preset's (e.g. 3 for ``tiny-stress``)."""
+    seeds: int = 3
+    n_per_kind: int = 25
+    """Arithmetic test problems per (digits, op) kind."""
+    facts: bool = True
+    calibration_batches: int = 8
+    """Input-range calibration batches for the analog teacher baseline."""
+    curve_scales: list[float] = field(default_factory=list)
+    """Noise scales of an extra robustness curve (empty: none)."""
+
+    def __post_init__(self) -> None:
+        check_int("eval", "seeds", self.seeds, minimum=1)
+        check_int("eval", "n_per_kind", self.n_per_kind, minimum=1)
+        if self.noise_scale is not None:
+            check_real("eval", "noise_scale", self.noise_scale)
+        if not isinstance(self.curve_scales, list) or not all(
+            isinstance(x, (int, float)) and x >= 0 for x in self.curve_scales
+        ):
+            fail(
+                "eval",
+                "curve_scales",
+                self.curve_scales,
+                "must be a list of numbers >= 0",
+            )
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: str
+    output: str
+    preset: str = "afm-paper"
+    preset_overrides: dict[str, Any] = field(default_factory=dict)
+    """``{"weight_noise.std": 0.08, ...}``: fields of the preset changed for this run
+    (``afm.config.set_by_path`` paths); they apply to the evaluation chip too when
+    ``eval.preset`` is None."""
+    data_dir: str | None = None
+    """Synthetic data directory; None: ``<output>/data`` (generated if missing)."""
+    generate: bool = True
+    """Generate missing synthetic data (False: the data must already exist)."""
+    num_threads: int | None = None
+    """torch CPU threads (None: torch's default)."""
+    data: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
+    train: DistillConfig = field(default_factory=DistillConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def student_chip(self) -> AnalogConfig:
+        """The student's ``AnalogConfig``: the preset with ``preset_overrides`` applied."""
+        chip = get_preset(self.preset)
+        for path, value in self.preset_overrides.items():
+            try:
+                chip = set_by_path(chip, str(path), value)
+            except (TypeError, ValueError) as err:
+                raise ConfigError(f"preset_overrides: {path}={value!r}: {err}") from None
+        return chip
+
+    def eval_chip(self) -> AnalogConfig:
+        """The evaluation chip: ``eval.preset`` if set, else the student's chip."""
+        return get_preset(self.eval.preset) if self.eval.preset else self.student_chip()
+
+    def eval_noise(self) -> dict[str, Any]:
+        """``get_noise_model`` kwargs: the chip preset's noise, then ``eval.*``."""
+        noise: dict[str, Any] = eval_noise_of(self.eval.preset or self.preset)
+        if self.eval.noise is not None and self.eval.noise != noise.get("name"):
+            noise = {"name": self.eval.noise}
+        if self.eval.noise_scale is not None:
+            noise["scale"] = float(self.eval.noise_scale)
+        return noise
+
+    @property
+    def eval_chip_name(self) -> str:
+        if self.eval.preset:
+            return self.eval.preset
+        extra = ", ".join(f"{k}={v}" for k, v in self.preset_overrides.items())
+        return self.preset + (f" ({extra})" if extra else "")
+
+    @property
+    def resolved_data_dir(self) -> Path:
+        return Path(self.data_dir) if self.data_dir else Path(self.output) / "data"
+
+    def identity(self) -> dict[str, Any]:
+        """What makes two runs "the same run" (the output dir may be reused)."""
+        d = self.to_dict()
+        d.pop("output")
+        d.pop("num_threads")
+        d.pop("eval")
+        for k in ("save_steps", "save_total_limit", "logging_steps"):
+            d["train"].pop(k)
+        d["data"].pop("backend")
+        return d
+
+
+_SECTIONS = {"data": SyntheticDataConfig, "train": DistillConfig, "eval": EvalConfig}
+_TOP = {f.name for f in dataclasses.fields(RunConfig)} - set(_SECTIONS)
+
+# Defaults per model alias (kept in sync with configs/train/<alias>.yaml; a test checks it).
+MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "preset": "tiny-stress",  # afm-paper I/O, PCM x3: see afm/presets.py
+        "num_threads": 1,  # small matrices: 1 thread is as fast, and robust on a busy machine
+        "data": {
+            "num_tokens": 98_304,
+            "seq_len": 128,
+            "sequences_per_shard": 256,
+            "batch_size": 128,
+            "temperature": 1.0,
+        },
+        "train": {
+            "max_steps": 250,
+            "per_device_batch_size": 16,
+            "lr": 5e-4,
+            "scale_lr_by_world_size": False,
+            "warmup_ratio": 0.05,
+            "weight_decay": 0.0,
+            "calibration_batches": 10,
+            "kd_chunk_size": 512,
+            "save_steps": 100,
+            "logging_steps": 10,
+        },
+        "eval": {"seeds": 3, "n_per_kind": 25},
+    },
+}
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {first}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(p)!r} must hold a mapping of keys")
+    return data
+
+
+def parse_set(item: str) -> tuple[str, Any]:
+    """``"train.lr=1e-4"`` → ``("train.lr", 0.0001)`` (the value is parsed as YAML)."""
+    import yaml
+
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r} is invalid: expected key=value")
+    key, _, text = item.partition("=")
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set {item!r} is invalid: empty key")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    return key, value
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any], where: str) -> None:
+    for k, v in update.items():
+        if k in _SECTIONS:
+            if not isinstance(v, dict):
+                raise ConfigError(f"{where}: {k!r} must be a mapping of keys")
+            names = {f.name for f in dataclasses.fields(_SECTIONS[k])}
+            for kk, vv in v.items():
+                if kk not in names:
+                    raise ConfigError(
+                        f"{where}: unknown key '{k}.{kk}'; allowed: {', '.join(sorted(names))}"
+                    )
+                base.setdefault(k, {})[kk] = vv
+        elif k in _TOP:
+            base[k] = v
+        else:
+            allowed = sorted(_TOP | set(_SECTIONS))
+            raise ConfigError(f"{where}: unknown key {k!r}; allowed: {', '.join(allowed)}")
+
+
+def _dotted(key: str, value: Any) -> dict[str, Any]:
+    parts = key.split(".")
+    if len(parts) == 1:
+        return {key: value}
+    if len(parts) == 2:
+        return {parts[0]: {parts[1]: value}}
+    raise ConfigError(f"--set {key!r}: keys have at most two parts (e.g. train.lr)")
+
+
+def coerce_fields(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """YAML gives ints for floats like ``1`` and lists for tuples: normalise per field type."""
+    out = dict(values)
+    for f in dataclasses.fields(cls):
+        if f.name in out and "float" in str(f.type) and isinstance(out[f.name], int):
+            if not isinstance(out[f.name], bool):
+                out[f.name] = float(out[f.name])
+        if (
+            f.name in out
+            and isinstance(out[f.name], str)
+            and "float" in str(f.type)
+            and "str" not in str(f.type)
+        ):
+            try:
+                out[f.name] = float(out[f.name])  # YAML reads "1e-4" as a string
+            except ValueError:
+                pass
+    return out
+
+
+def build_run_config(
+    model: str | None,
+    output: str | None,
+    *,
+    preset: str | None = None,
+    config_file: str | None = None,
+    sets: list[str] | None = None,
+) -> RunConfig:
+    """Resolve the layers of configuration into a validated :class:`RunConfig`."""
+    raw: dict[str, Any] = {}
+    file_data = load_yaml(config_file) if config_file else {}
+    model_name = model or file_data.get("model")
+    if not model_name:
+        raise ConfigError("no model given: pass --model ALIAS_OR_PATH (or 'model:' in the YAML)")
+    alias = str(model_name).strip().lower()
+    if alias in MODEL_DEFAULTS:
+        defaults = json.loads(json.dumps(MODEL_DEFAULTS[alias]))
+        _merge(raw, defaults, f"defaults of {alias!r}")
+    _merge(raw, file_data, f"config file {config_file!r}")
+    raw["model"] = model_name
+    if preset is not None:
+        raw["preset"] = preset
+    if output is not None:
+        raw["output"] = output
+    for item in sets or []:
+        key, value = parse_set(item)
+        _merge(raw, _dotted(key, value), f"--set {item!r}")
+    if not raw.get("output"):
+        raise ConfigError("no output directory given: pass --output DIR")
+    kwargs: dict[str, Any] = {k: v for k, v in raw.items() if k in _TOP}
+    try:
+        for name, cls in _SECTIONS.items():
+            kwargs[name] = cls(**coerce_fields(cls, raw.get(name, {})))
+        cfg = RunConfig(**kwargs)
+    except TypeError as err:
+        raise ConfigError(str(err)) from None
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    for name in ("model", "output", "preset"):
+        if not isinstance(getattr(cfg, name), str):
+            raise ConfigError(f"{name}={getattr(cfg, name)!r} is invalid: must be a string")
+    try:
+        get_preset(cfg.preset)
+        if cfg.eval.preset is not None:
+            get_preset(cfg.eval.preset)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if not isinstance(cfg.preset_overrides, dict):
+        raise ConfigError(
+            f"preset_overrides={cfg.preset_overrides!r} is invalid: must be a mapping "
+            "like {weight_noise.std: 0.08}"
+        )
+    cfg.student_chip()  # validates the overrides
+    try:
+        noise = cfg.eval_noise()
+        get_noise_model(noise["name"], **{k: v for k, v in noise.items() if k != "name"})
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"eval noise: {err}") from None
+    if cfg.num_threads is not None and (
+        not isinstance(cfg.num_threads, int) or cfg.num_threads < 1
+    ):
+        raise ConfigError(f"num_threads={cfg.num_threads!r} is invalid: must be a positive int")
+    if not isinstance(cfg.generate, bool):
+        raise ConfigError(f"generate={cfg.generate!r} is invalid: must be true or false")
+    return cfg
+
+
+def data_config_from(config_file: str | None, sets: list[str]) -> SyntheticDataConfig:
+    """A :class:`SyntheticDataConfig` from the ``data:`` section of a run YAML (or a flat
+    mapping) and ``--set KEY=VALUE`` items (``KEY`` bare or as ``data.KEY``)."""
+    names = {f.name for f in dataclasses.fields(SyntheticDataConfig)}
+    values: dict[str, Any] = {}
+    if config_file:
+        raw = load_yaml(config_file)
+        section = raw.get("data", raw if not ({"train", "eval", "model"} & set(raw)) else {})
+        if not isinstance(section, dict):
+            raise ConfigError(f"config file {config_file!r}: 'data' must be a mapping")
+        for k, v in section.items():
+            if k not in names:
+                raise ConfigError(f"config file {config_file!r}: unknown data key {k!r}")
+            values[k] = v
+    for item in sets:
+        key, value = parse_set(item)
+        key = key[5:] if key.startswith("data.") else key
+        if key not in names:
+            raise ConfigError(
+                f"--set {item!r}: unknown key {key!r}; allowed: {', '.join(sorted(names))}"
+            )
+        values[key] = value
+    try:
+        return SyntheticDataConfig(**coerce_fields(SyntheticDataConfig, values))
+    except (TypeError, ValueError) as err:
+        raise ConfigError(str(err)) from None
