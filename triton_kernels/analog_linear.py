@@ -132,6 +132,12 @@ def _plan(config: Any) -> _Plan:
         raise NotImplementedError(
             f"weight_noise.kind={kind!r} is not supported by the triton backend"
         )
+    bm = str(_val(getattr(cout, "bound_management", "none")))
+    if bm != "none":
+        raise NotImplementedError(
+            f"output.bound_management={bm!r} is not supported by the triton backend yet; "
+            "use backend='torch' (backend='auto' picks it for such configs)"
+        )
     wq = config.weight_quant
     return _Plan(
         n_in=n_in,

@@ -53,25 +53,28 @@ def select_noise_layers(
     *,
     include: str | Sequence[str] | None = None,
     exclude: str | Sequence[str] | None = None,
-    skip_lm_head: bool = True,
+    skip_lm_head: bool | None = None,
     only_analog: bool = False,
     skip_adapters: bool = True,
 ) -> dict[str, nn.Module]:
     """The layers ``apply_noise_`` perturbs: every ``nn.Linear`` (and GPT-2 ``Conv1D``)
-    except the LM head and peft adapter layers (``lora_*``, digital in AHWA-LoRA).
+    except peft adapter layers (``lora_*``, digital in AHWA-LoRA) and, by default
+    (``skip_lm_head=None``), a digital output head: an analog head (``AnalogLinear``,
+    ``afm.convert(convert_lm_head=True)``) is on the chip and gets programmed like the
+    other layers (spec §7).  ``skip_lm_head=True`` / ``False`` skips / perturbs any head.
 
     ``include``/``exclude``: module names or regular expressions searched in the name
     (``afm.analog.select.name_matches``); ``only_analog``: only ``AnalogLinear`` layers.
     """
     inc, exc = _names(include), _names(exclude)
-    heads = output_head_names(model) if skip_lm_head else set()
+    heads = output_head_names(model) if skip_lm_head is not False else set()
     selected: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
         if not is_linear_like(module):
             continue
         if only_analog and not isinstance(module, AnalogLinear):
             continue
-        if name in heads:
+        if name in heads and (skip_lm_head or not isinstance(module, AnalogLinear)):
             continue
         if skip_adapters and is_adapter_name(name):
             continue
@@ -155,7 +158,7 @@ def apply_noise_(
     *,
     include: str | Sequence[str] | None = None,
     exclude: str | Sequence[str] | None = None,
-    skip_lm_head: bool = True,
+    skip_lm_head: bool | None = None,
     only_analog: bool = False,
     skip_adapters: bool = True,
     keep_originals: bool = True,
