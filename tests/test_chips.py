@@ -249,3 +249,44 @@ def test_add_normal_on_column_normalised_weights_is_per_channel_noise():
     )
     assert not torch.allclose(tile, theirs, atol=1e-3)
     assert math.isclose((ours - w)[5].abs().max().item(), (theirs - w)[5].abs().max().item())
+
+
+def _triton():
+    pytest.importorskip("triton")
+    if not dispatch.triton_available():
+        pytest.skip("the Triton kernels do not import here")
+    from afm.triton_kernels.analog_linear import triton_analog_linear
+
+    return triton_analog_linear
+
+
+def test_triton_launcher_refuses_bound_management():
+    run = _triton()
+    x, w = torch.randn(4, 8), torch.randn(3, 8)
+    with pytest.raises(NotImplementedError, match="bound_management"):
+        run(x, w, None, torch.ones(1), PRESETS["ahwa-lora"].config, training=False)
+
+
+def test_triton_keeps_output_noise_at_inference_per_channel():
+    run = _triton()
+    cfg = PRESETS["ahwa-lora"].config.replace(
+        output=OutputQuantConfig(bits=None, bound=None), max_input_size=None
+    )
+    w = torch.tensor([[1.0, 0.0], [0.0, 4.0]])
+    x = torch.tensor([[2.0, 0.0]]).repeat(4096, 1)
+    y = run(x, w, None, torch.ones(1), cfg.replace(weight_noise=cfg.weight_noise.__class__()),
+            training=False, seed=3)  # fmt: skip
+    std = (y - x @ w.t()).std(dim=0)
+    assert std[0].item() == pytest.approx(0.04 * 2 * 1, rel=0.06)
+    assert std[1].item() == pytest.approx(0.04 * 2 * 4, rel=0.06)
+
+
+def test_dynamic_inputs_on_a_batch_the_cpu_chains_split_into_row_blocks():
+    # M·N > 2^16: the torch chains run the ADC block by block; each token keeps its own
+    # input step (a shape error before issue 17).  Same as running the tokens in slices.
+    torch.manual_seed(0)
+    x, w = torch.randn(300, 64), torch.randn(256, 64)
+    cfg = PRESETS["ahwa-lora"].config.replace(output_noise=OutputNoiseConfig())  # deterministic
+    whole = _run(x, w, cfg)
+    sliced = torch.cat([_run(x[i : i + 50], w, cfg) for i in range(0, 300, 50)])
+    assert torch.equal(whole, sliced)

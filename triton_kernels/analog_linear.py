@@ -132,12 +132,9 @@ def _plan(config: Any) -> _Plan:
         raise NotImplementedError(
             f"weight_noise.kind={kind!r} is not supported by the triton backend"
         )
-    bm = str(_val(getattr(cout, "bound_management", "none")))
-    if bm != "none":
-        raise NotImplementedError(
-            f"output.bound_management={bm!r} is not supported by the triton backend yet; "
-            "use backend='torch' (backend='auto' picks it for such configs)"
-        )
+    if str(_val(getattr(cout, "bound_management", "none"))) != "none":  # auto picks torch
+        msg = "output.bound_management is not supported by the triton backend yet: use torch"
+        raise NotImplementedError(msg)
     wq = config.weight_quant
     return _Plan(
         n_in=n_in,
