@@ -290,3 +290,22 @@ def test_dynamic_inputs_on_a_batch_the_cpu_chains_split_into_row_blocks():
     whole = _run(x, w, cfg)
     sliced = torch.cat([_run(x[i : i + 50], w, cfg) for i in range(0, 300, 50)])
     assert torch.equal(whole, sliced)
+
+
+def test_triton_follows_the_per_channel_adc_of_ahwa_lora():
+    # ahwa-lora without bound management and noise: dynamic inputs, per-channel ADC
+    # bound 12 with layer clipping; the kernel matches the reference to fp32 rounding.
+    run = _triton()
+    torch.manual_seed(0)
+    cfg = PRESETS["ahwa-lora"].config.replace(
+        output=OutputQuantConfig(bits=8, bound=2.0, per_channel=True),
+        output_noise=OutputNoiseConfig(),
+        max_input_size=48,
+    )
+    x, w = torch.randn(16, 96), torch.randn(24, 96) * torch.linspace(0.05, 2, 24)[:, None]
+    want = _run(x, w, cfg)
+    got = run(x, w, None, torch.ones(2), cfg, training=False)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+    tile_cfg = cfg.replace(output=OutputQuantConfig(bits=8, bound=2.0))
+    per_tile = run(x, w, None, torch.ones(2), tile_cfg, training=False)
+    assert not torch.allclose(per_tile, want, atol=1e-3)
