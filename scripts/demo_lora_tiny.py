@@ -163,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[tuple[str, str], dict[str, list[float]]] = {}
     t = time.perf_counter()
     torch.set_grad_enabled(False)
+    torch.manual_seed(args.seed)  # the chip's eval-time output noise without a programmed chip
     for cond, noise_model, seeds in conditions:
         for seed in seeds:
             handle = apply_noise_(pm, noise_model, seed, only_analog=True) if noise_model else None

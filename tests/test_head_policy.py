@@ -80,3 +80,18 @@ def test_afm_lora_defaults_to_the_presets_evaluation_protocol():
     assert _noise_seeds(exp) == 10
     exp = LoraExperiment(base="tiny", task="mul", output="/tmp/unused", noise="pcm")
     assert [nm.name for _, nm in _noise_models(exp)[1:]] == ["pcm"]
+
+
+def test_a_programmed_chip_reads_its_eval_output_noise_from_the_seed(tiny_model):
+    # ahwa-lora keeps output noise at inference; apply_noise_ seeds it per chip and layer.
+    model = tiny_model("llama")
+    afm.convert(model, afm.get_preset("ahwa-lora"))
+    ids = torch.tensor([[1, 2, 3, 4]])
+    outs = []
+    for _ in range(2):
+        with torch.no_grad(), apply_noise_(model, PCMProgrammingNoise(), seed=4):
+            outs.append(model(ids).logits)
+    assert torch.equal(outs[0], outs[1])
+    with torch.no_grad(), apply_noise_(model, PCMProgrammingNoise(), seed=5):
+        assert not torch.equal(model(ids).logits, outs[0])
+    assert all(m.noise_generator is None for m in afm.analog_layers(model).values())
