@@ -40,6 +40,7 @@ LAYERS: dict[str, int] = {
     "afm.presets": 2,
     "afm.kernels.torch_chains": 2,
     "afm.reference": 3,
+    "afm.bound_management": 3,
     "afm.kernels": 4,
     "afm.triton_kernels": 4,
     "afm.analog": 5,

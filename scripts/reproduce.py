@@ -333,8 +333,8 @@ def _model_stages(model: str, tag: str, out: Path, sc: Scale) -> list[Stage]:
                         "mul",
                         "--output",
                         str(d("lora") / "adapter"),
-                        "--noise",
-                        "pcm-drift",
+                        "--preset",  # the base keeps its afm-paper chip; the evaluation is
+                        "ahwa-lora",  # AHWA-LoRA's: aihwkit PCM drift (hardware-model §5c)
                         "--drift-times",
                         sc.drift_times,
                         *sc.lora_args,
@@ -346,7 +346,7 @@ def _model_stages(model: str, tag: str, out: Path, sc: Scale) -> list[Stage]:
             ],
             [st("afm-paper")],
             what="AHWA-LoRA adapter (new toy-world task 'mul') on the analog AFM base: "
-            "base vs adapter under PCM noise and drift",
+            "base vs adapter under AHWA-LoRA's evaluation noise (aihwkit PCM drift)",
         )
     )
     ttc = []

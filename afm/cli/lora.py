@@ -63,17 +63,26 @@ def _parser() -> argparse.ArgumentParser:
         help="input-range calibration batches for a plain base",
     )
     ap.add_argument(
-        "--noise", default="pcm", help="deployment noise model: pcm, gaussian, pcm-drift or none"
+        "--noise",
+        default=None,
+        help="deployment noise model: pcm, gaussian, pcm-drift or none (default: the "
+        "preset's evaluation noise; ahwa-lora: aihwkit-mode pcm-drift)",
     )
     ap.add_argument(
         "--noise-scale", type=float, default=1.0, help="multiplier of the deployment noise"
     )
     ap.add_argument(
         "--drift-times",
-        default="0s,1h,1d,1y",
-        help="evaluation times for pcm-drift (comma separated)",
+        default=None,
+        help="evaluation times for pcm-drift, comma separated (default: the preset's; "
+        "ahwa-lora: 0s,1h,1d,1w,1mo,1y,10y)",
     )
-    ap.add_argument("--noise-seeds", type=int, default=3, help="programmed chips per condition")
+    ap.add_argument(
+        "--noise-seeds",
+        type=int,
+        default=None,
+        help="programmed chips per condition (default: the preset's; ahwa-lora: 10)",
+    )
     ap.add_argument("--eval-n", type=int, default=None, help="evaluate on the first N test items")
     ap.add_argument("--device", default="cpu")
     ap.add_argument(
@@ -98,7 +107,7 @@ def _run(args: argparse.Namespace) -> int:
         f"{PROG}: adapter saved to {args.output} (final train loss {meta['final_train_loss']:.4f})"
     )
     print()
-    print(format_lora_table(meta, args.noise_seeds))
+    print(format_lora_table(meta, meta["noise_seeds"]))
     return 0
 
 

@@ -31,7 +31,7 @@ from afm.lora.layer import (  # first: checks the peft version before peft is us
     register_analog_lora,
 )
 from afm.models import load_model, resolve_model
-from afm.presets import get_preset
+from afm.presets import analog_head_of, get_preset
 
 logger = logging.getLogger(__name__)
 
@@ -290,7 +290,7 @@ def load_analog_base(
     if is_afm_checkpoint_config(getattr(model, "config", None)) and analog_layers(model):
         logger.info("load_analog_base: afm checkpoint %s (its own hardware model)", resolved)
     else:
-        convert(model, get_preset(preset))
+        convert(model, get_preset(preset), convert_lm_head=analog_head_of(preset))
         if calibration_texts is not None:
             if tokenizer is None:
                 raise ValueError("calibration_texts need a tokenizer")

@@ -145,6 +145,7 @@ def _evaluate(cfg: RunConfig, teacher, student, tokenizer, dataset, pad_id: int)
         calib,
         preset=cfg.eval_chip(),
         chip_name=cfg.eval_chip_name,
+        analog_head=cfg.head_is_analog(),
         noise=cfg.eval_noise(),
         seeds=cfg.eval.seeds,
         n_per_kind=cfg.eval.n_per_kind,
@@ -187,7 +188,7 @@ def run_training(cfg: RunConfig, *, progress: bool = True) -> RunOutcome:
     acc.wait_for_everyone()
     teacher.to(acc.device)
     dataset = _data(cfg, acc, teacher, tokenizer, resuming, progress)
-    student = make_student(teacher, cfg.student_chip())
+    student = make_student(teacher, cfg.student_chip(), convert_lm_head=cfg.head_is_analog())
     result = distill(
         teacher,
         student,
