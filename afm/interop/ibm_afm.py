@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import tempfile
 from collections import Counter
@@ -149,8 +150,6 @@ def _weights_dtype(tensors: Mapping[str, torch.Tensor]) -> torch.dtype:
 def _build_analog_model(config: Any, mapping: LightningMapping) -> nn.Module:
     """The HF model on the meta device, every exact ``nn.Linear`` made analog (as
     ``convert_to_analog`` does), each with its layer config."""
-    import re
-
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):

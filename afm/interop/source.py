@@ -131,6 +131,8 @@ def fetch(source: str | Path, revision: str | None = None) -> Path:
     """A local directory as it is, or a hub id downloaded (only :data:`HUB_PATTERNS`)."""
     path = Path(source)
     if path.is_dir():
+        if revision is not None:
+            raise ValueError(f"revision={revision!r} is for hub ids; {str(path)!r} is a directory")
         return path
     if path.exists():
         raise MissingFilesError(f"{str(path)!r} is a file; pass the directory of the model")

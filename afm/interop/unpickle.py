@@ -83,6 +83,9 @@ LIGHTNING_ENUMS: dict[str, frozenset[str]] = {
 }
 
 
+_MAX_RPU_CONFIG_BYTES = 1 << 20
+
+
 class UnsafePickleError(ValueError):
     """A pickle asked for something outside the allowlist (nothing was run)."""
 
@@ -206,6 +209,9 @@ class RestrictedUnpickler(pickle.Unpickler):
 def load_rpu_config(path: str | Path) -> PickledObject:
     """The ``rpu_config`` file (``dill.dump`` of a ``TorchInferenceRPUConfig``) as plain data."""
     path = Path(path)
+    size = path.stat().st_size
+    if size > _MAX_RPU_CONFIG_BYTES:  # a config is a few kB: do not read a bomb into memory
+        raise UnsafePickleError(f"{path.name}: {size} bytes, too large for an rpu_config")
     data = path.read_bytes()
     try:
         obj = RestrictedUnpickler(io.BytesIO(data)).load()
