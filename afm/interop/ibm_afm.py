@@ -42,6 +42,7 @@ from afm.interop.lightning_config import (
 )
 from afm.interop.source import SourceFiles, fetch, find_source_files
 from afm.interop.state import (
+    LightningState,
     StateMismatchError,
     range_counters,
     read_state_dict,
@@ -105,7 +106,7 @@ def _calibration(
     mapping: LightningMapping, counters: dict[str, list[int]]
 ) -> tuple[LightningMapping, bool, dict]:
     """Map ``input_range_update_idx``: all done → init_steps 0; none → as configured."""
-    needed = mapping.config.input.init_steps
+    needed = mapping.fields["pre_post.input_range.init_from_data"]
     seen = [c for tiles in counters.values() for c in tiles]
     info = {
         "init_from_data": needed,
@@ -125,6 +126,15 @@ def _calibration(
         f"{max(seen)}); afm cannot resume a partial initialisation (its calibration pass "
         "starts over)"
     )
+
+
+def _chip(fields: dict[str, Any], state: LightningState) -> tuple[LightningMapping, dict]:
+    """The afm chip of the ``rpu_config`` fields, checked against the state dict's copies
+    and with the range-initialisation counters applied."""
+    mapping = map_rpu_config(fields)
+    _check_embedded(mapping, state.embedded_configs)
+    mapping, calibrated, info = _calibration(mapping, range_counters(state.tensors))
+    return mapping, {**info, "ranges_calibrated": calibrated}
 
 
 def _hf_config(files: SourceFiles, dtype: torch.dtype) -> tuple[Any, list[str]]:
@@ -161,7 +171,12 @@ def _build_analog_model(config: Any, mapping: LightningMapping) -> nn.Module:
             f"{odd[0]!r}, which aihwkit-lightning converts to analog and afm does not simulate"
         )
     linears = {n: m for n, m in model.named_modules() if type(m) is nn.Linear}
-    configs = {n: mapping.for_layer(m.in_features) for n, m in linears.items()}
+    configs = {}
+    for name, linear in linears.items():
+        try:
+            configs[name] = mapping.for_layer(linear.in_features)
+        except UnsupportedRpuConfig as err:
+            raise UnsupportedRpuConfig(f"layer {name!r}: {err}") from None
     anchored = {n: re.compile(rf"^{re.escape(n)}$") for n in linears}
     overrides = {anchored[n].pattern: c for n, c in configs.items() if c != mapping.config}
     convert(
@@ -229,11 +244,8 @@ def import_ibm_afm(
     files = find_source_files(fetch(source, revision))
     rpu = load_rpu_config(files.rpu_config)
     fields, missing = read_rpu_fields(rpu)
-    mapping = map_rpu_config(fields)
     state = read_state_dict(files.weights)
-    _check_embedded(mapping, state.embedded_configs)
-    counters = range_counters(state.tensors)
-    mapping, calibrated, counter_info = _calibration(mapping, counters)
+    mapping, counters = _chip(fields, state)
     config, dropped_keys = _hf_config(files, _weights_dtype(state.tensors))
     tied = bool(getattr(config.get_text_config(), "tie_word_embeddings", False))
     model = _build_analog_model(config, mapping)
@@ -242,7 +254,7 @@ def import_ibm_afm(
     notes = []
     if missing:
         notes.append(f"fields absent from rpu_config took aihwkit-lightning's defaults: {missing}")
-    if calibrated:
+    if counters["ranges_calibrated"]:
         notes.append("input ranges already initialised from data: afm's init_steps set to 0")
     if tied and not model.config.get_text_config().tie_word_embeddings:
         notes.append("the analog output head keeps its own weight (tie_word_embeddings=False)")
@@ -254,7 +266,7 @@ def import_ibm_afm(
         "rpu_config_fields_missing": missing,
         "afm_config": mapping.config.to_dict(),
         "analog_layers": sorted(layers),
-        "input_range_update_idx": {**counter_info, "ranges_calibrated": calibrated},
+        "input_range_update_idx": counters,
         "dropped_state": {
             "input_range_update_idx": "summarised above; afm keeps no counters",
             "x_min/x_max": "fast-mode range statistics, unused (fast_mode=False)",
@@ -271,6 +283,6 @@ def import_ibm_afm(
         architecture=type(model).__name__,
         analog_layers=len(layers),
         tiles=max(layer.input_range.numel() for layer in layers.values()),
-        ranges_calibrated=calibrated,
+        ranges_calibrated=counters["ranges_calibrated"],
         notes=tuple(notes),
     )

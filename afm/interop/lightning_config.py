@@ -255,11 +255,11 @@ def _input_config(f: dict[str, Any]) -> InputQuantConfig:
                     f"needs input ranges, but {ir}enable=False (aihwkit-lightning cannot run "
                     "this config either)",
                 )
-        return InputQuantConfig(bits=None, learn_ranges=False)
+        return InputQuantConfig(bits=None, learn_ranges=False, init_steps=0)
     if f[ir + "dynamic"]:
         if bits is None:
             _refuse(ir + "dynamic", True, "needs input quantization in afm (forward.inp_res > 0)")
-        return InputQuantConfig(bits=bits, learn_ranges=False, dynamic=True)
+        return InputQuantConfig(bits=bits, learn_ranges=False, dynamic=True, init_steps=0)
     if not f[ir + "learn_input_range"]:
         _refuse(
             ir + "learn_input_range",

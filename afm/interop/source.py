@@ -17,6 +17,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from afm.export.int4 import TOKENIZER_FILES
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["HUB_PATTERNS", "MissingFilesError", "SourceFiles", "find_source_files", "fetch"]
@@ -28,16 +30,7 @@ _EXPECTED = (
 )
 
 #: Tokenizer and generation files copied next to the imported model, byte for byte.
-TOKENIZER_PATTERNS = (
-    "tokenizer*",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.*",
-    "merges.txt",
-    "spiece.model",
-    "chat_template*",
-    "generation_config.json",
-)
+TOKENIZER_PATTERNS = (*TOKENIZER_FILES, "generation_config.json")
 #: What is downloaded from the hub (nothing else: no code, no other weights).
 HUB_PATTERNS = (
     "config.json",

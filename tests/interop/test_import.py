@@ -245,3 +245,10 @@ def test_missing_weights_and_non_empty_output(tmp_path):
     (tmp_path / "out" / "x").write_text("")
     with pytest.raises(ValueError, match="not empty"):
         import_ibm_afm(tmp_path / "src", tmp_path / "out")
+
+
+def test_console_script_is_registered():
+    from importlib.metadata import entry_points
+
+    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "afm-import"]
+    assert script.value == "afm.cli.import_afm:main"
