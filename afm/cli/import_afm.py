@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Convert an analog foundation model published by IBM (aihwkit-lightning state "
         "dict + dill-pickled rpu_config) to an afm checkpoint, without running its "
         "pickles. The result loads with AutoModelForCausalLM.from_pretrained after "
-        "`import afm` and works with afm-eval, afm-lora, afm-train and afm-export.",
+        "`import afm`, like any afm checkpoint (e.g. for afm-eval or afm-export).",
     )
     parser.add_argument(
         "source",

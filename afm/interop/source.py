@@ -55,10 +55,6 @@ class SourceFiles:
     weights: tuple[Path, ...]
     """State-dict files, in shard order."""
 
-    @property
-    def safetensors(self) -> bool:
-        return self.weights[0].suffix == ".safetensors"
-
     def tokenizer_files(self) -> list[Path]:
         found = {p for pat in TOKENIZER_PATTERNS for p in self.directory.glob(pat) if p.is_file()}
         return sorted(found)
