@@ -45,6 +45,7 @@ LAYERS: dict[str, int] = {
     "afm.triton_kernels": 4,
     "afm.analog": 5,
     "afm.export": 6,
+    "afm.interop": 6,
     "afm.evaluate": 7,
     "afm.training": 8,
     "afm.lora": 8,

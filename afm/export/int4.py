@@ -165,7 +165,7 @@ def _digital_twin(model: nn.Module) -> nn.Module:
     return twin
 
 
-_TOKENIZER_FILES = (
+TOKENIZER_FILES = (
     "tokenizer*",
     "special_tokens_map.json",
     "added_tokens.json",
@@ -177,7 +177,7 @@ _TOKENIZER_FILES = (
 
 
 def _tokenizer_files(directory: Path) -> list[Path]:
-    files = {p for pattern in _TOKENIZER_FILES for p in directory.glob(pattern) if p.is_file()}
+    files = {p for pattern in TOKENIZER_FILES for p in directory.glob(pattern) if p.is_file()}
     return sorted(files)
 
 
