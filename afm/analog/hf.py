@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import logging
 import weakref
+from collections.abc import Iterator
 from typing import Any
 
 from torch import nn
@@ -184,11 +185,6 @@ class AfmQuantizationConfig(QuantizationConfigMixin):
         qc._model_ref = weakref.ref(model)
         return qc
 
-    @property
-    def bound(self) -> bool:
-        """Whether the config reads its fields from a (still existing) model."""
-        return self._model_ref is not None and self._model_ref() is not None
-
     def _sync(self) -> None:
         model = self._model_ref() if self._model_ref is not None else None
         if model is not None:
@@ -231,7 +227,7 @@ class AfmQuantizationConfig(QuantizationConfigMixin):
         self._sync()
         return {**self.__dict__, "_model_ref": None}
 
-    def __iter__(self):  # noqa: ANN204  (dict(config), as QuantizationConfigMixin allows)
+    def __iter__(self) -> Iterator[tuple[str, Any]]:  # dict(config), as the mixin allows
         yield from self.to_dict().items()
 
     def to_dict(self) -> dict[str, Any]:
@@ -278,7 +274,13 @@ class AfmHfQuantizer(HfQuantizer):
         self, model: nn.Module, checkpoint_files: list[str] | None = None, **kwargs: Any
     ) -> nn.Module:
         qc: AfmQuantizationConfig = self.quantization_config
-        for name in self._target_modules(model):
+        targets = self._target_modules(model)
+        if not targets:
+            raise ValueError(
+                "afm quantization_config selects no layer of this model (modules="
+                f"{qc.modules!r}); an afm checkpoint lists its analog layers"
+            )
+        for name in targets:
             try:
                 module = model.get_submodule(name)
             except AttributeError:

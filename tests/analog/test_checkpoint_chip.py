@@ -151,6 +151,16 @@ def test_deepcopy_describes_the_copy(tiny_model):
     assert model.config.quantization_config.analog_config == afm.get_preset("afm-paper")
 
 
+def test_names_are_the_checkpoints_inside_an_activation_checkpointing_wrapper(tiny_model):
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    model = _analog(tiny_model("llama"))
+    names = sorted(afm.analog_layers(model))
+    model.model.layers[0] = checkpoint_wrapper(model.model.layers[0])
+    assert any("_checkpoint_wrapped_module" in n for n in afm.analog_layers(model))
+    assert model.config.quantization_config.modules == names
+
+
 # --------------------------------------------------------------------------- loading
 
 
@@ -263,6 +273,29 @@ def test_without_import_afm_plain_transformers_loads_digital_and_afm_models_does
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True
     ).stdout
     assert "plain Linear" in out and "afm AnalogLinear" in out
+
+
+def test_import_afm_before_transformers_models_still_checks_keys(tiny_model, tmp_path):
+    """import afm does not import transformers' modeling code (it pulls in triton); the
+    key checks are installed when the first model is built, before its weights load."""
+    _analog(tiny_model("llama")).save_pretrained(tmp_path)
+    _edit_config(tmp_path, lambda cfg: cfg.pop("quantization_config"))
+    script = textwrap.dedent(
+        f"""
+        import sys
+        import afm
+        assert "transformers.modeling_utils" not in sys.modules
+        from transformers import AutoModelForCausalLM
+        try:
+            AutoModelForCausalLM.from_pretrained({str(tmp_path)!r})
+        except afm.analog.load_checks.MissingChipError as err:
+            print("refused:", err)
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True
+    ).stdout
+    assert "refused:" in out and "no afm quantization_config" in out
 
 
 def test_load_model_refuses_to_run_without_the_quantizer(monkeypatch, tmp_path):

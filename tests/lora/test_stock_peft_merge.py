@@ -10,27 +10,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 peft = pytest.importorskip("peft")
 
 import afm  # noqa: E402
 from afm.analog.guards import AnalogMergeError  # noqa: E402
 
-IDS = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
-
-
-def _llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    return LlamaForCausalLM(cfg).eval()
+IDS = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(1))
 
 
 def _stock_lora(model, targets=("q_proj", "v_proj")):
@@ -46,8 +32,8 @@ def _state(model):
 
 
 @pytest.mark.parametrize("merge", ["merge_and_unload", "merge_adapter", "safe_merge"])
-def test_stock_merge_into_analog_weights_is_refused(merge):
-    pm = _stock_lora(afm.convert(_llama(), afm.get_preset("afm-paper")))
+def test_stock_merge_into_analog_weights_is_refused(tiny_model, merge):
+    pm = _stock_lora(afm.convert(tiny_model("llama"), afm.get_preset("afm-paper")))
     before_logits, before_state = pm(IDS).logits, _state(pm)
     with pytest.raises(AnalogMergeError, match="stock peft Linear layer wraps an AnalogLinear"):
         if merge == "merge_and_unload":
@@ -61,8 +47,8 @@ def test_stock_merge_into_analog_weights_is_refused(merge):
     assert torch.equal(pm(IDS).logits, before_logits)
 
 
-def test_unload_and_disable_still_work_and_give_the_analog_base():
-    model = afm.convert(_llama(), afm.get_preset("afm-paper"))
+def test_unload_and_disable_still_work_and_give_the_analog_base(tiny_model):
+    model = afm.convert(tiny_model("llama"), afm.get_preset("afm-paper"))
     base_logits = model(IDS).logits
     pm = _stock_lora(model)
     with pm.disable_adapter():
@@ -71,19 +57,18 @@ def test_unload_and_disable_still_work_and_give_the_analog_base():
     assert len(afm.analog_layers(base)) == 14 and torch.equal(base(IDS).logits, base_logits)
 
 
-def test_stock_adapter_loaded_from_disk_is_guarded_too(tmp_path):
-    _stock_lora(afm.convert(_llama(), afm.get_preset("afm-paper"))).save_pretrained(tmp_path)
-    loaded = peft.PeftModel.from_pretrained(
-        afm.convert(_llama(), afm.get_preset("afm-paper")), tmp_path
-    )
+def test_stock_adapter_loaded_from_disk_is_guarded_too(tiny_model, tmp_path):
+    chip = afm.get_preset("afm-paper")
+    _stock_lora(afm.convert(tiny_model("llama"), chip)).save_pretrained(tmp_path)
+    loaded = peft.PeftModel.from_pretrained(afm.convert(tiny_model("llama"), chip), tmp_path)
     with pytest.raises(AnalogMergeError):
         loaded.merge_and_unload()
 
 
-def test_mixed_targets_never_give_wrong_logits():
+def test_mixed_targets_never_give_wrong_logits(tiny_model):
     """A plain Linear target may merge before the analog one refuses: merging into a
     digital layer is exact, so the model's logits stay those of the adapted model."""
-    model = afm.convert(_llama(), afm.get_preset("afm-paper"), include=["q_proj"])
+    model = afm.convert(tiny_model("llama"), afm.get_preset("afm-paper"), include=["q_proj"])
     pm = _stock_lora(model)  # q_proj analog, v_proj digital
     adapted = pm(IDS).logits
     with pytest.raises(AnalogMergeError):
@@ -91,8 +76,8 @@ def test_mixed_targets_never_give_wrong_logits():
     torch.testing.assert_close(pm(IDS).logits, adapted, rtol=1e-5, atol=1e-6)
 
 
-def test_digital_models_merge_as_before():
-    model = _llama()
+def test_digital_models_merge_as_before(tiny_model):
+    model = tiny_model("llama")
     pm = _stock_lora(model)
     adapted = pm(IDS).logits
     merged = pm.merge_and_unload()

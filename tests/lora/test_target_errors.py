@@ -8,8 +8,6 @@ regex match (a string); it only complains when *nothing* matches, so ``["q_proj"
 from __future__ import annotations
 
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 pytest.importorskip("peft")
 
@@ -17,17 +15,8 @@ import afm  # noqa: E402
 import afm.lora as L  # noqa: E402
 
 
-def _analog_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    return afm.convert(LlamaForCausalLM(cfg).eval(), afm.get_preset("ahwa-lora"))
+def _analog_llama(tiny_model):
+    return afm.convert(tiny_model("llama"), afm.get_preset("ahwa-lora"))
 
 
 @pytest.mark.parametrize(
@@ -39,15 +28,15 @@ def _analog_llama() -> LlamaForCausalLM:
         (dict(exclude_modules=["o_prj"]), r"exclude_modules: 'o_prj' \(closest: o_proj"),
     ],
 )
-def test_targets_that_name_no_module(kwargs, message):
-    model = _analog_llama()
+def test_targets_that_name_no_module(tiny_model, kwargs, message):
+    model = _analog_llama(tiny_model)
     with pytest.raises(ValueError, match=message):
         L.attach_lora(model, r=2, seed=0, **kwargs)
     assert not L.analog_lora_layers(model)
 
 
-def test_valid_targets_attach_as_before():
-    pm = L.attach_lora(_analog_llama(), r=2, seed=0, targets=["q_proj", "v_proj"])
+def test_valid_targets_attach_as_before(tiny_model):
+    pm = L.attach_lora(_analog_llama(tiny_model), r=2, seed=0, targets=["q_proj", "v_proj"])
     assert len(L.analog_lora_layers(pm)) == 4
-    pm = L.attach_lora(_analog_llama(), r=2, seed=0, targets=r".*layers\.0\.mlp\.up_proj")
+    pm = L.attach_lora(_analog_llama(tiny_model), r=2, seed=0, targets=r".*layers\.0\.mlp\.up_proj")
     assert list(L.analog_lora_layers(pm)) == ["base_model.model.model.layers.0.mlp.up_proj"]
