@@ -199,6 +199,7 @@ def test_ranges_of_layers_the_config_does_not_list(tiny_model, tmp_path):
         (lambda qc: qc.pop("config"), "'config' is missing"),
         (lambda qc: qc.update(config={}), "lacks backend, clip, input"),
         (lambda qc: qc["config"]["input"].pop("bits"), "lacks input.bits"),
+        (lambda qc: qc.update(modules=[]), "selects no layer of this model"),
         (
             lambda qc: qc.update(overrides={"model.layers.0.mlp.up_proj": {}}),
             r"overrides\['model.layers.0.mlp.up_proj'\] lacks",
