@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from afm.analog.layers import AnalogLinear
 from afm.analog.noise.models import NoiseModel
 from afm.analog.select import (
+    check_patterns_match,
     is_adapter_name,
     is_conv1d,
     is_linear_like,
@@ -65,10 +66,15 @@ def select_noise_layers(
 
     ``include``/``exclude``: module names or regular expressions searched in the name
     (``afm.analog.select.name_matches``); ``only_analog``: only ``AnalogLinear`` layers.
+
+    Raises:
+        PatternMatchError: an include / exclude pattern matches none of the layers that
+            can be selected (the message lists the closest names).
+        ValueError: no layer is selected (noise on nothing would be a clean model).
     """
     inc, exc = _names(include), _names(exclude)
     heads = output_head_names(model) if skip_lm_head is not False else set()
-    selected: dict[str, nn.Module] = {}
+    eligible: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
         if not is_linear_like(module):
             continue
@@ -78,15 +84,25 @@ def select_noise_layers(
             continue
         if skip_adapters and is_adapter_name(name):
             continue
-        if inc is not None and not name_matches(name, inc):
-            continue
-        if exc is not None and name_matches(name, exc):
-            continue
         weight = getattr(module, "weight", None)
         if not isinstance(weight, Tensor) or not weight.is_floating_point():
             logger.warning("apply_noise_: skipping %s (weight is not a floating tensor)", name)
             continue
-        selected[name] = module
+        eligible[name] = module
+    what = "analog layer" if only_analog else "linear layer"
+    check_patterns_match("deployment noise: include", inc, eligible, among=what)
+    check_patterns_match("deployment noise: exclude", exc, eligible, among=what)
+    selected = {
+        name: module
+        for name, module in eligible.items()
+        if (inc is None or name_matches(name, inc)) and (exc is None or not name_matches(name, exc))
+    }
+    if not selected:
+        raise ValueError(
+            f"deployment noise: no layer selected among {len(eligible)} {what}s "
+            f"(include={include!r}, exclude={exclude!r}); noise on nothing would report a "
+            "clean model as a noisy one"
+        )
     return selected
 
 
@@ -212,8 +228,6 @@ def apply_noise_(
             with torch.no_grad():  # not .data: keep the version counter moving
                 param.copy_(noisy)
             saved[name] = _Saved(module, param, original, untied=False)
-    if not layers:
-        logger.warning("apply_noise_: no layer selected (include=%r, exclude=%r)", include, exclude)
     logger.info(
         "apply_noise_: perturbed %d layers with %s (seed=%d)", len(layers), noise_model.label, seed
     )
