@@ -30,7 +30,7 @@ from typing import Any
 from afm.training.data_config import CorpusConfig, DataError
 from afm.training.shards import META, STATS, load_rows, write_index, write_shard
 
-__all__ = ["load_corpus", "mix_rows", "pack", "prepare_corpus", "read_documents"]
+__all__ = ["check_corpus", "load_corpus", "mix_rows", "pack", "prepare_corpus", "read_documents"]
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +120,15 @@ def _texts(batch: dict[str, list[Any]], cfg: CorpusConfig, tokenizer: Any) -> li
     return [tokenizer.apply_chat_template(m, tokenize=False) for m in values]
 
 
+def check_corpus(cfg: CorpusConfig, tokenizer: Any) -> None:
+    """Read the first documents of ``cfg``: a bad path, split or column raises
+    :class:`DataError` before a run writes anything."""
+    for batch in read_documents(cfg).iter(batch_size=8):
+        _texts(batch, cfg, tokenizer)
+        return
+    raise DataError(f"corpus.path={cfg.path!r} holds no documents")
+
+
 def _token_lists(docs: Any, cfg: CorpusConfig, tokenizer: Any) -> Iterator[list[int]]:
     eos = tokenizer.eos_token_id if cfg.add_eos else None
     # A chat template writes its own BOS; plain text gets the tokenizer's special tokens.
@@ -147,7 +156,12 @@ def pack(docs: Iterable[list[int]], seq_len: int, counts: dict[str, int]) -> Ite
 
 
 def _meta(cfg: CorpusConfig, seq_len: int, tokenizer_name: str | None) -> dict[str, Any]:
-    return {"kind": "corpus", "recipe": cfg.recipe(), "seq_len": seq_len, "tokenizer": tokenizer_name}
+    return {
+        "kind": "corpus",
+        "recipe": cfg.recipe(),
+        "seq_len": seq_len,
+        "tokenizer": tokenizer_name,
+    }
 
 
 def prepare_corpus(
@@ -245,6 +259,4 @@ def mix_rows(corpus: Any, synthetic: Any, mix: float) -> Any:
         len(corpus),
         len(synthetic),
     )
-    return concatenate_datasets(
-        [corpus.select(range(n_corpus)), synthetic.select(range(n_synth))]
-    )
+    return concatenate_datasets([corpus.select(range(n_corpus)), synthetic.select(range(n_synth))])

@@ -90,7 +90,7 @@ def test_end_to_end_run_resume_and_refusals(model_dir, tmp_path, capsys):
         (["--set", "train.lr"], "expected key=value"),
         (["--set", "bogus=1"], "unknown key 'bogus'"),
         (["--preset", "no-such-preset"], "unknown preset"),
-        (["--set", "generate=false"], "does not exist"),
+        (["--set", "generate=false"], "generate=false needs data to train on"),
         (["--config", "/nonexistent/run.yaml"], "does not exist"),
         (["--bogus-flag"], "unrecognized arguments"),
     ],
