@@ -52,11 +52,12 @@ def test_own_corpus_run_is_logged_tracked_and_extended(model_dir, tmp_path, capl
     corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     out = tmp_path / "run"
     argv = ["--model", model_dir, "--output", str(out), "--progress", "log", *SMALL,
+            "--preset", "ideal",
             "--set", f"corpus.path={corpus}", "--set", "train.report_to=[tensorboard]"]  # fmt: skip
     caplog.set_level(logging.INFO)
     assert train_cli.main(argv) == 0
     assert (out / "corpus" / "stats.json").exists() and not (out / "data").exists()
-    assert len(afm.analog_layers(AutoModelForCausalLM.from_pretrained(out))) == 15
+    assert len(afm.analog_layers(AutoModelForCausalLM.from_pretrained(out))) == 14  # digital head
     lines = [r.getMessage() for r in caplog.records]
     assert any(m.startswith("distilling on 1 process(es), device cpu") for m in lines)
     steps = [m for m in lines if m.startswith("step ")]
