@@ -40,9 +40,9 @@ def _argv(argv: Sequence[str]) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    import afm.evaluate.lm_eval_model  # noqa: F401 - registers --model afm
-
     from lm_eval.__main__ import cli_evaluate
+
+    import afm.evaluate.lm_eval_model  # noqa: F401 - registers --model afm
 
     args = _argv(sys.argv[1:] if argv is None else argv)
     saved = sys.argv
