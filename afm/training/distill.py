@@ -286,11 +286,6 @@ def distill(
         )
     if acc.is_main_process:
         logger.info("distilling on %s", describe(acc))
-    if getattr(acc, "is_fsdp2", False):
-        raise ValueError(
-            "FSDP2 (fsdp_version: 2) is not supported: clipping and checkpoints use FSDP v1 "
-            "APIs; set fsdp_version: 1 (configs/accelerate/fsdp-multinode.yaml)"
-        )
     rank, world = acc.process_index, acc.num_processes
     out = Path(output_dir)
     ckpt_root = out / "checkpoints"

@@ -12,6 +12,7 @@
     and the hook only fires when a step really ran (not on fp16 overflow skips);
   - FSDP (v1): after the step, ``FSDP.summon_full_params(writeback=True)`` and clip
     full rows (a shard may split a row);
+  - FSDP2 (``fully_shard``): on the sharded fp32 parameters (:mod:`afm.training.fsdp2`);
   - DeepSpeed ZeRO 1/2/3: after the engine's step, ``deepspeed.utils.
     safe_get_full_fp32_param`` → clip → ``safe_set_full_fp32_param`` on the master
     copy, then the low-precision copy is refreshed from it;
@@ -37,6 +38,7 @@ from afm.analog.clipping import clip_weights_, register_clip_hook
 from afm.analog.layers import analog_layers
 from afm.config import ClipKind
 from afm.reference import clip_weight_
+from afm.training.fsdp2 import clip_sharded_
 
 __all__ = [
     "check_launch",
@@ -99,6 +101,10 @@ def full_parameters(accelerator: Any, model: nn.Module) -> dict[str, torch.Tenso
     from accelerate.utils import DistributedType
 
     dt = accelerator.distributed_type
+    if getattr(accelerator, "is_fsdp2", False):
+        named = accelerator.unwrap_model(model).named_parameters()
+        full = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach() for n, p in named}
+        return full if accelerator.is_main_process else {}
     if dt == DistributedType.FSDP:
         with fsdp_full_state_dict_type(accelerator, model, rank0_only=True):
             state = model.state_dict()
@@ -264,6 +270,8 @@ def clip_after_step(accelerator: Any, model: nn.Module, optimizer: Any) -> tuple
                 _refresh_forward_copy(layer.weight, master)
 
         return clip_ds, None
+    if getattr(accelerator, "is_fsdp2", False):
+        return lambda: clip_sharded_(unwrapped), None
     if dt == DistributedType.FSDP:
 
         def clip_fsdp() -> None:
