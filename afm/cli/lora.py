@@ -138,8 +138,7 @@ def _run(args: argparse.Namespace) -> int:
     from afm.lora.trl_experiment import run_lora_mode
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    flags = {k: v for k, v in vars(args).items() if not (k == "reward" and v is None)}
-    meta = run_lora_mode(flags)
+    meta = run_lora_mode(vars(args))
     report = TrainableReport(meta["trainable"], meta["total"], meta["trainable_pct"])
     print(f"{PROG}: {report}")
     print(

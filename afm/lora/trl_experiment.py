@@ -18,7 +18,7 @@ import dataclasses
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +66,7 @@ class TrlExperiment(LoraExperiment):
     eval_out: str | None = None
     chat_template: str | None = None
     max_length: int = 1024
-    reward: list[str] = field(default_factory=lambda: ["exact-match"])
+    reward: list[str] | None = None  # grpo: None is ["exact-match"]
     num_generations: int = 8
     max_completion_length: int = 64
     temperature: float = 1.0
@@ -210,7 +210,8 @@ def _peft_model(exp: TrlExperiment, base: nn.Module) -> tuple[nn.Module, Any]:
 def run_trl_experiment(exp: TrlExperiment) -> dict[str, Any]:
     """Train, save and evaluate (module docstring); returns the ``afm_lora.json`` dict."""
     exp.check()
-    rewards = [load_reward(s) for s in exp.reward] if exp.mode == "grpo" else []
+    specs = exp.reward or ["exact-match"]
+    rewards = [load_reward(s) for s in specs] if exp.mode == "grpo" else []
     data = _data(exp)
     if rewards:
         probe_rewards(rewards, [dict(data.train[i]) for i in range(min(2, len(data.train)))])
@@ -361,9 +362,7 @@ def run_lora_mode(flags: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"--mode {mode!r} is invalid: use one of {', '.join(MODES)}")
     shared = {f.name for f in dataclasses.fields(LoraExperiment)}
     defaults = {
-        f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        for f in dataclasses.fields(TrlExperiment)
-        if f.name not in shared
+        f.name: f.default for f in dataclasses.fields(TrlExperiment) if f.name not in shared
     }
     unused = {k for k in defaults if k != "mode"}
     if mode == "sft":

@@ -158,9 +158,7 @@ def test_refuses_what_would_not_be_hardware_aware(analog, toy_llama):
 
     key = next(k for k in PINNED if k.endswith("_checkpointing"))
     with pytest.raises(ValueError, match=key):
-        sft_adapter(
-            pm, tok, to_dataset(arith_rows(4)), steps=1, trl_args={key: True}
-        )
+        sft_adapter(pm, tok, to_dataset(arith_rows(4)), steps=1, trl_args={key: True})
     plain, _ = toy_llama()
     with pytest.raises(ValueError, match="PeftModel"):
         sft_adapter(plain, tok, to_dataset(arith_rows(4)), steps=1)
