@@ -156,6 +156,7 @@ def test_sft_then_grpo_on_top_end_to_end(capsys, tmp_path, local_model):
         "1",
         "--quiet",
     ]
+    drift = ["--noise", "pcm-drift", "--drift-times", "0s,1y"]  # the last --noise wins
     rc, out, err = run(
         capsys,
         "--mode",
@@ -167,9 +168,12 @@ def test_sft_then_grpo_on_top_end_to_end(capsys, tmp_path, local_model):
         "--output",
         str(tmp_path / "sft"),
         *common,
+        *drift,
     )
     assert rc == 0, err
     assert "completion NLL" in out and "base+adapter" in out
+    sft_meta = json.loads((tmp_path / "sft" / "afm_lora.json").read_text())
+    assert [r["condition"] for r in sft_meta["results"]] == ["fp", "pcm-drift@0s", "pcm-drift@1y"]
     (tmp_path / "rw.py").write_text(
         "def brevity(completions, answer, **kw):\n"
         "    return [1.0 / (1 + len(c)) for c in completions]\n"
