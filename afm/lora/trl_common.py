@@ -169,7 +169,7 @@ class AnalogForwards:
             c["eval/grad"] + c["eval/no_grad"] if noise else c["train/grad"] + c["train/no_grad"]
         )
         if wrong:
-            state = "without its hardware noise (eval mode)" if noise else "with noise"
+            state = "without the hardware noise (eval mode)" if noise else "with noise"
             raise RuntimeError(
                 f"{wrong} analog-layer forwards ran {state} during training ({c}); the "
                 "installed TRL changed how it runs the model, so the result would not be "
