@@ -230,7 +230,7 @@ def test_grpo_on_a_loaded_adapter_with_kl_saves_a_loadable_adapter(analog, tmp_p
     model2, _ = analog()
     pm2 = L.load_adapter(model2, tmp_path / "init", is_trainable=True)
     before = snapshot(pm2)
-    res = grpo_adapter(
+    grpo_adapter(
         pm2,
         tok,
         to_dataset(arith_rows(4, "grpo")),
