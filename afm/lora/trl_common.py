@@ -7,8 +7,9 @@ refused) as it is, so TRL never builds a peft model of its own.  What afm pins, 
 
 * fp32, no gradient checkpointing (TRL defaults to bf16 and to checkpointing; the
   recomputed forward would draw new analog noise and give wrong gradients), no vLLM
-  (it would run the weights digitally), no analog output head (TRL's fused LM head
-  reads ``lm_head.weight`` directly, skipping the analog layer);
+  (it would run the weights digitally); an analog output head is scored through the
+  model's own forward (:mod:`afm.lora.trl_head`), not TRL's fused LM head, which reads
+  ``lm_head.weight`` directly;
 * analog layers in training mode for every forward of the trainer — the loss, and in
   GRPO the rollouts and their log-probabilities — each drawing its noise from its own
   seeded generator; a forward pre-hook counts the forwards by mode and the run fails
@@ -34,6 +35,7 @@ from torch import nn
 from afm.analog.layers import AnalogLinear
 from afm.lora.layer import AnalogLoraLinear, PeftLoraLinear, PeftModel, analog_lora_layers
 from afm.lora.model import freeze_base_
+from afm.lora.trl_head import install_analog_head_logprobs
 from afm.seeds import derive_seed
 
 TRL_MIN_VERSION = "1.16"
@@ -57,6 +59,7 @@ __all__ = [
     "TrlResult",
     "check_analog_peft_model",
     "check_trl_version",
+    "has_analog_head",
     "config_kwargs",
     "seeded_noise",
     "train_with",
@@ -196,8 +199,14 @@ def seeded_noise(model: nn.Module, seed: int, purpose: str) -> Iterator[None]:
             m.noise_generator = saved[n]
 
 
+def has_analog_head(model: nn.Module) -> bool:
+    head = model.get_output_embeddings()
+    head = head.get_base_layer() if hasattr(head, "get_base_layer") else head
+    return isinstance(head, AnalogLinear)
+
+
 def check_analog_peft_model(model: nn.Module) -> None:
-    """The model TRL gets: a ``PeftModel`` with afm's layers, a digital output head."""
+    """The model TRL gets: a ``PeftModel`` with afm's layers and trainable adapters."""
     if not isinstance(model, PeftModel):
         raise ValueError(
             "train an afm adapter: pass the PeftModel from afm.lora.attach_lora or "
@@ -217,14 +226,6 @@ def check_analog_peft_model(model: nn.Module) -> None:
     ]
     if stock:
         raise ValueError(f"analog layers wrapped by peft's stock LoRA layer: {stock[:3]}")
-    head = model.get_output_embeddings()
-    head = head.get_base_layer() if hasattr(head, "get_base_layer") else head
-    if isinstance(head, AnalogLinear):
-        raise ValueError(
-            "the output head is an AnalogLinear: TRL computes log-probabilities from "
-            "lm_head.weight directly (its fused LM head), which would skip the analog head "
-            "in the loss; keep the head digital (afm.convert's default, convert_lm_head=False)"
-        )
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError(
             "the adapter has no trainable parameters: attach one with afm.lora.attach_lora or "
@@ -321,6 +322,9 @@ def train_with(
     try:
         with seeded_noise(peft_model, seed, f"afm-lora-{mode}"):
             trainer = make_trainer(callbacks, output_dir or scratch.name)
+            if has_analog_head(peft_model):  # TRL's fused head would read lm_head.weight
+                temperature = float(getattr(trainer.args, "temperature", 1.0))
+                install_analog_head_logprobs(peft_model.get_base_model(), temperature)
             if not progress:  # TrainingArguments(disable_tqdm=True) prints the logs instead
                 trainer.remove_callback(PrinterCallback)
             if trainer.model is not peft_model:

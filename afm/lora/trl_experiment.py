@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from afm.analog.layers import analog_layers
+from afm.analog.select import output_head_names
 from afm.evaluate.conditions import make_conditions
 from afm.evaluate.loop import scores_under_noise
 from afm.lora.experiment import LoraExperiment, run_lora_experiment
@@ -48,6 +50,7 @@ from afm.lora.trl_eval import (
     write_curves,
 )
 from afm.models import load_tokenizer, resolve_model
+from afm.presets import eval_noise_of, preset_of
 from afm.toyworld import lora_tasks
 
 __all__ = ["MODES", "TrlExperiment", "run_lora_mode", "run_trl_experiment"]
@@ -195,7 +198,7 @@ def _peft_model(exp: TrlExperiment, base: nn.Module) -> tuple[nn.Module, Any]:
             base,
             r=exp.r,
             alpha=exp.alpha,
-            targets=exp.targets,
+            targets=exp.targets or _targets_without_head(base),
             modules_to_save=exp.modules_to_save,
             seed=exp.seed,
         )
@@ -205,6 +208,32 @@ def _peft_model(exp: TrlExperiment, base: nn.Module) -> tuple[nn.Module, Any]:
     pm = load_adapter(pm, exp.init_adapter, adapter_name="init")
     pm.set_adapter("default")
     return pm, report
+
+
+def _targets_without_head(base: nn.Module) -> list[str]:
+    """Every analog layer but the output head: TRL refuses an adapter on ``lm_head``
+    (it computes log-probabilities from the head's weight)."""
+    heads = output_head_names(base)
+    names = sorted(n for n in analog_layers(base) if n not in heads)
+    if not names:
+        raise ValueError("the base has no analog layers besides its output head to adapt")
+    return names
+
+
+def _conditions(exp: TrlExperiment) -> tuple[list[Any], int]:
+    """afm-eval's conditions for ``--noise`` (default: the preset's evaluation noise,
+    drift times and repetitions, as the supervised mode), and the number of chips."""
+    if exp.noise == "none":
+        return make_conditions(None), 0
+    spec: dict[str, Any] = {"name": exp.noise} if exp.noise else eval_noise_of(exp.preset)
+    name = spec.pop("name")
+    spec["scale"] = spec.get("scale", 1.0) * exp.noise_scale if not exp.noise else exp.noise_scale
+    drift = None
+    if name == "pcm-drift":
+        times = exp.drift_times or ",".join(preset_of(exp.preset).eval_drift_times)
+        drift = [t.strip() for t in (times or "0s,1h,1d,1y").split(",")]
+    seeds = exp.noise_seeds or preset_of(exp.preset).eval_seeds
+    return make_conditions(name, seeds, drift, spec), seeds
 
 
 def run_trl_experiment(exp: TrlExperiment) -> dict[str, Any]:
@@ -218,10 +247,7 @@ def run_trl_experiment(exp: TrlExperiment) -> dict[str, Any]:
     resolved = resolve_model(exp.base)
     if exp.base.startswith(("/", ".", "~")) and not (Path(resolved) / "config.json").is_file():
         raise ValueError(f"base model {exp.base!r} not found (no config.json in {resolved})")
-    noise = None if exp.noise == "none" else exp.noise
-    drift = [t.strip() for t in exp.drift_times.split(",")] if noise == "pcm-drift" else None
-    opts = {"scale": exp.noise_scale} if exp.noise_scale != 1.0 else {}
-    conditions = make_conditions(noise, exp.noise_seeds, drift, opts)
+    conditions, n_seeds = _conditions(exp)
     if exp.quiet:
         from transformers.utils import logging as hf_logging
 
@@ -276,6 +302,7 @@ def run_trl_experiment(exp: TrlExperiment) -> dict[str, Any]:
     eval_report.write(eval_dir, f"{exp.mode}-eval", percent=is_percent(metric))
     write_curves(result, eval_dir, f"{exp.mode}-curves", metric, exp.task, conditions)
     meta = _meta(exp, report, result, metric, eval_report, label)
+    meta["noise_seeds"] = n_seeds
     (out / "afm_lora.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta
 

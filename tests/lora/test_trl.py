@@ -22,6 +22,7 @@ from afm.lora.trl_common import seeded_noise  # noqa: E402
 from afm.presets import get_preset  # noqa: E402
 from afm.toyworld import arith_problems  # noqa: E402
 
+BODY = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CHAT_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}assistant: {% endif %}"
@@ -95,11 +96,14 @@ def test_sft_trains_only_the_adapter_on_the_noisy_chip(analog):
     assert [s for s, _ in res.series("loss")] == [1, 2]
 
 
-def test_sft_prompt_completion_loss_is_on_the_completion_only(analog):
+@pytest.mark.parametrize("analog_head", [False, True])
+def test_sft_prompt_completion_loss_is_on_the_completion_only(analog, analog_head):
     """noise=False, one batch of all rows, lr 0 in the first step (warm-up): TRL's
-    first logged loss is the completion-only NLL that afm computes itself."""
-    model, tok = analog()
-    pm = L.attach_lora(model, r=4, alpha=8, seed=0, init_lora_weights=False)  # B != 0
+    first logged loss is the completion-only NLL that afm computes itself — through
+    the analog output head too (TRL's fused head would read lm_head.weight digitally)."""
+    model, tok = analog(convert_lm_head=analog_head)
+    assert isinstance(model.lm_head, AnalogLinear) == analog_head
+    pm = L.attach_lora(model, r=4, alpha=8, seed=0, targets=BODY, init_lora_weights=False)
     rows = arith_rows(4)
     expected = completion_loss(pm, tok, [(r["prompt"], r["completion"]) for r in rows])
     res = sft_adapter(pm, tok, to_dataset(rows), steps=2, batch_size=4, noise=False, progress=False)
@@ -108,6 +112,36 @@ def test_sft_prompt_completion_loss_is_on_the_completion_only(analog):
     assert res.log[0]["loss"] == pytest.approx(expected, rel=1e-4)
     full = completion_loss(pm, tok, [("", r["prompt"] + r["completion"]) for r in rows])
     assert abs(full - expected) > 1e-3  # a loss on the prompt too would differ
+    if analog_head:  # the digital projection TRL would use gives another loss
+        with torch.no_grad():
+            lm = model.lm_head
+            digital = torch.nn.Linear(lm.in_features, lm.out_features, bias=False)
+            digital.weight.copy_(lm.weight)
+            model.lm_head = digital
+        assert (
+            abs(completion_loss(pm, tok, [(r["prompt"], r["completion"]) for r in rows]) - expected)
+            > 1e-4
+        )
+
+
+def test_grpo_with_an_analog_head(analog):
+    model, tok = analog(convert_lm_head=True)
+    pm = L.attach_lora(model, r=4, alpha=8, seed=0, targets=BODY)
+    before = snapshot(pm)
+    res = grpo_adapter(
+        pm,
+        tok,
+        to_dataset(arith_rows(4, "grpo")),
+        [length_reward],
+        steps=2,
+        batch_size=4,
+        num_generations=2,
+        max_completion_length=8,
+        lr=5e-3,
+        progress=False,
+    )
+    assert_only_adapter_changed(pm, before)
+    assert res.forwards["train/no_grad"] > 0 and res.forwards["eval/no_grad"] == 0
 
 
 def test_sft_conversational_data_with_a_chat_template(analog):
@@ -148,10 +182,6 @@ def test_trl_own_peft_config_path_keeps_the_afm_layer(analog, tmp_path):
 
 
 def test_refuses_what_would_not_be_hardware_aware(analog, toy_llama):
-    model, tok = analog(convert_lm_head=True)
-    pm = L.attach_lora(model, r=4, targets=["q_proj"], seed=0)
-    with pytest.raises(ValueError, match="output head is an AnalogLinear"):
-        sft_adapter(pm, tok, to_dataset(arith_rows(4)), steps=1, progress=False)
     model, tok = analog()
     pm = L.attach_lora(model, r=4, seed=0)
     from afm.lora.trl_common import PINNED
@@ -195,8 +225,8 @@ def test_grpo_trains_only_the_adapter_with_rollouts_on_the_noisy_chip(analog):
 def test_rollouts_with_one_sampling_seed_differ_only_through_the_analog_noise(analog):
     """Generation as GRPO runs it (training mode, sampling): the same sampling seed and
     the same noise seeds give the same rollouts; other noise seeds give others."""
-    model, tok = analog("ahwa-lora")
-    pm = L.attach_lora(model, r=4, seed=0)
+    model, tok = analog("tiny-stress")  # no noise in eval mode (ahwa-lora keeps some)
+    pm = L.attach_lora(model, r=4, seed=0, targets=BODY)
     enc = tok(
         [p.prompt for p in arith_problems("train", 4, digits=(2,))],
         return_tensors="pt",
