@@ -25,15 +25,6 @@ SMALL = [
 ]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, toy_llama):
-    model, tok = toy_llama(max_positions=64)
-    d = tmp_path_factory.mktemp("model")
-    model.save_pretrained(d)
-    tok.save_pretrained(d)
-    return str(d)
-
-
 def _one_line_error(capsys, rc):
     err = capsys.readouterr().err.strip().splitlines()
     err = [e for e in err if not e.startswith("Loading weights")]

@@ -29,15 +29,6 @@ SMALL = [
 ]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, toy_llama):
-    model, tok = toy_llama(max_positions=64)
-    d = tmp_path_factory.mktemp("model")
-    model.save_pretrained(d)
-    tok.save_pretrained(d)
-    return str(d)
-
-
 def _rows(out):
     return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
 

@@ -148,6 +148,20 @@ def _assert_clipped(state):
     assert checked
 
 
+def _assert_sharded_and_consolidated(root, mode: str):
+    """FSDP runs: only the main process gathers; checkpoints are consolidated
+    safetensors + JSON, no pickles.  Returns the step-2 checkpoint."""
+    for name in (mode, f"{mode}_resumed"):
+        infos = _infos(root / name)
+        assert all("FSDP" in i["type"] for i in infos)
+        assert not infos[1]["whole"]
+    ckpt = root / mode / "checkpoints" / "checkpoint-0000002"
+    names = {p.name for p in ckpt.iterdir()}
+    assert {"model.safetensors", "optimizer.safetensors", "optimizer.json"} <= names
+    assert not [n for n in names if n.endswith((".pkl", ".bin", ".pt", ".distcp"))]
+    return ckpt
+
+
 @pytest.fixture(scope="module")
 def engine_runs(tmp_path_factory):
     """The worker script and the DDP reference run every engine is compared with."""
@@ -205,14 +219,7 @@ def test_ddp_ranks_end_identical_and_clipped(engine_runs):
 def test_fsdp_matches_ddp_clips_resumes_and_saves(engine_runs):
     script, root, ddp = engine_runs
     fsdp = _check_engine(script, root, ddp, "fsdp", atol=1e-5)
-    for name in ("fsdp", "fsdp_resumed"):
-        infos = _infos(root / name)
-        assert all("FSDP" in i["type"] for i in infos)
-        assert not infos[1]["whole"]  # sharded: only the main process gathers
-    ckpt = root / "fsdp" / "checkpoints" / "checkpoint-0000002"
-    names = {p.name for p in ckpt.iterdir()}  # consolidated safetensors + JSON, no pickles
-    assert {"model.safetensors", "optimizer.safetensors", "optimizer.json"} <= names
-    assert not [n for n in names if n.endswith((".pkl", ".bin", ".pt", ".distcp"))]
+    _assert_sharded_and_consolidated(root, "fsdp")
 
     _launch(script, root / "fsdp_bf16", "fsdp", mixed="bf16")
     assert _infos(root / "fsdp_bf16")[0]["master_dtypes"] == ["torch.float32"]
@@ -226,14 +233,7 @@ def test_fsdp2_matches_ddp_clips_resumes_and_saves(engine_runs):
     """torch's fully_shard (accelerate fsdp_version 2): DTensor shards on dim 0."""
     script, root, ddp = engine_runs
     _check_engine(script, root, ddp, "fsdp2", atol=1e-5)
-    for name in ("fsdp2", "fsdp2_resumed"):
-        infos = _infos(root / name)
-        assert all("FSDP" in i["type"] for i in infos)
-        assert not infos[1]["whole"]  # sharded: only the main process gathers
-    ckpt = root / "fsdp2" / "checkpoints" / "checkpoint-0000002"
-    names = {p.name for p in ckpt.iterdir()}  # consolidated safetensors + JSON, no pickles
-    assert {"model.safetensors", "optimizer.safetensors", "optimizer.json"} <= names
-    assert not [n for n in names if n.endswith((".pkl", ".bin", ".pt", ".distcp"))]
+    ckpt = _assert_sharded_and_consolidated(root, "fsdp2")
     from safetensors.torch import load_file
 
     moments = load_file(str(ckpt / "optimizer.safetensors"))  # whole Adam moments
