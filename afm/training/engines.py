@@ -102,9 +102,12 @@ def full_parameters(accelerator: Any, model: nn.Module) -> dict[str, torch.Tenso
 
     dt = accelerator.distributed_type
     if getattr(accelerator, "is_fsdp2", False):
-        named = accelerator.unwrap_model(model).named_parameters()
-        full = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach() for n, p in named}
-        return full if accelerator.is_main_process else {}
+        gathered: dict[str, torch.Tensor] = {}
+        for name, p in accelerator.unwrap_model(model).named_parameters():
+            full = p.full_tensor() if hasattr(p, "full_tensor") else p  # collective
+            if accelerator.is_main_process:  # the other ranks drop it at once
+                gathered[name] = full.detach().cpu()
+        return gathered
     if dt == DistributedType.FSDP:
         with fsdp_full_state_dict_type(accelerator, model, rank0_only=True):
             state = model.state_dict()

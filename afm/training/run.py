@@ -28,6 +28,7 @@ from afm.training.corpus import check_corpus, load_corpus, mix_rows, prepare_cor
 from afm.training.data import DataError, generate_synthetic_data
 from afm.training.distill import DistillResult, distill, make_student, save_student
 from afm.training.engines import make_accelerator
+from afm.training.progress import resolve_progress
 from afm.training.report import before_after, format_table, has_bundled_tasks
 from afm.training.run_config import ConfigError, RunConfig
 from afm.training.shards import load_synthetic_data
@@ -151,7 +152,9 @@ def _corpus(cfg: RunConfig, acc: Any, tokenizer: Any) -> Any:
     return load_corpus(cfg.corpus_dir)
 
 
-def _data(cfg: RunConfig, acc: Any, teacher: Any, tokenizer: Any, resuming: bool, progress: bool):
+def _data(
+    cfg: RunConfig, acc: Any, teacher: Any, tokenizer: Any, resuming: bool, progress: bool | str
+):
     corpus = _corpus(cfg, acc, tokenizer) if cfg.corpus.enabled else None
     if not cfg.uses_synthetic_data:
         return corpus
@@ -165,7 +168,7 @@ def _data(cfg: RunConfig, acc: Any, teacher: Any, tokenizer: Any, resuming: bool
             model_name=cfg.model,
             rank=acc.process_index,
             world_size=acc.num_processes,
-            progress=progress and acc.is_local_main_process,
+            progress=resolve_progress(progress) == "bar" and acc.is_local_main_process,
         )
         acc.wait_for_everyone()
         if acc.is_main_process:
