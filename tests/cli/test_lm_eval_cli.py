@@ -95,3 +95,13 @@ def test_pipeline_on_an_afm_directory(afm_checkpoint):
     assert len(afm.analog_layers(pipe.model)) == 14
     out = pipe("12 + 7 =", max_new_tokens=4, do_sample=False)
     assert out[0]["generated_text"].startswith("12 + 7 =")
+
+
+def test_lm_eval_hf_model_after_import_afm_loads_the_analog_layers(afm_checkpoint):
+    """What ``afm-lm-eval --model hf`` does (afm imported): the checkpoint stays analog."""
+    from lm_eval.models.huggingface import HFLM
+
+    import afm
+
+    lm = HFLM(pretrained=str(afm_checkpoint), device="cpu")
+    assert len(afm.analog_layers(lm.model)) == 14
