@@ -282,12 +282,12 @@ def set_chip(
     layer_configs = _layer_configs(targets, config, overrides, "afm.set_chip")
     for name in targets:
         layer, cfg = layers[name], layer_configs[name]
-        for label, in_features, have in _tile_counts(layer):
+        for label, in_features, have in _tile_counts(name, layer):
             tiles = cfg.num_tiles(in_features)
             if tiles != have:
                 raise ValueError(
                     f"afm.set_chip: the new config (max_input_size={cfg.max_input_size}) "
-                    f"gives {label} of {name!r} {tiles} tiles, it has {have}; input ranges "
+                    f"gives {label} {tiles} tiles, it has {have}; input ranges "
                     "are per tile, so nothing was changed: afm.revert the model and "
                     "afm.convert it with the new config (then calibrate)"
                 )
@@ -309,14 +309,14 @@ def set_chip(
     return model
 
 
-def _tile_counts(layer: nn.Module) -> list[tuple[str, int, int]]:
+def _tile_counts(name: str, layer: nn.Module) -> list[tuple[str, int, int]]:
     """``(what, in_features, tiles it has)`` for each crossbar shape of an analog module."""
     if isinstance(layer, AnalogExperts):
         return [
-            (proj, layer.in_features(proj), layer.input_range(proj).shape[1])
+            (f"{proj} of {name!r}", layer.in_features(proj), layer.input_range(proj).shape[1])
             for proj in layer.projections
         ]
-    return [("layer", layer.in_features, layer.input_range.numel())]
+    return [(f"layer {name!r}", layer.in_features, layer.input_range.numel())]
 
 
 def revert(model: nn.Module) -> nn.Module:
