@@ -109,3 +109,54 @@ def test_noise_is_seeded(family):
         with apply_noise_(model, get_noise_model("pcm"), seed=3):
             runs.append({k: v.clone() for k, v in model.state_dict().items()})
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
+def test_routers_are_digital_by_policy_and_selectable_when_linear(caplog):
+    model = build("mixtral")
+    with caplog.at_level("INFO", logger="afm.analog.convert"):
+        afm.convert(model, afm.get_preset("afm-paper"))
+    line = next(r.getMessage() for r in caplog.records if "converted" in r.getMessage())
+    assert "linear-map parameters analog" in line and "routers 256" in line
+    assert type(model.model.layers[0].mlp.gate).__name__ == "MixtralTopKRouter"
+    # a TopKRouter computes its logits in its own forward: analog routers are refused
+    with pytest.raises(ValueError, match="convert_router=True.*MixtralTopKRouter"):
+        afm.convert(build("mixtral"), afm.get_preset("afm-paper"), convert_router=True)
+    # a router that is an nn.Linear (a custom MoE block) becomes analog when asked
+    custom = build("mixtral")
+    block = custom.model.layers[0].mlp
+    block.gate = torch.nn.Linear(32, 4, bias=False)
+    afm.convert(custom, afm.get_preset("afm-paper"), exclude="layers\\.1\\.mlp\\.gate")
+    assert not isinstance(block.gate, afm.AnalogLinear)  # still digital by default
+    afm.revert(custom)
+    afm.convert(
+        custom, afm.get_preset("afm-paper"), convert_router=True, exclude="layers\\.1\\.mlp\\.gate"
+    )
+    assert isinstance(block.gate, afm.AnalogLinear)
+
+
+class _Custom(torch.nn.Module):
+    """A parameterised linear map afm does not know (a custom experts class)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(4, 32, 32) * 0.05)
+
+    def forward(self, x):
+        return x
+
+
+def test_unsupported_linear_maps_are_an_error_unless_excluded():
+    model = build("llama")
+    model.model.layers[0].custom = _Custom()
+    assert afm.coverage(model).unsupported_names == ("model.layers.0.custom",)
+    with pytest.raises(afm.UnsupportedLayerError, match="'model.layers.0.custom'.*exclude="):
+        afm.convert(model, afm.get_preset("afm-paper"))
+    assert not afm.analog_layers(model)  # refused before any layer changed
+    afm.convert(model, afm.get_preset("afm-paper"), exclude="custom")
+    cov = afm.coverage(model)
+    assert cov.unsupported == 4 * 32 * 32 and cov.supported_fraction == 1.0
+    # include that does not select it is an explicit choice too
+    fresh = build("llama")
+    fresh.model.layers[0].custom = _Custom()
+    afm.convert(fresh, afm.get_preset("afm-paper"), include="q_proj")
+    assert afm.coverage(fresh).digital_excluded > 0

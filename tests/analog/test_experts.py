@@ -220,3 +220,21 @@ def test_damaged_expert_ranges_are_refused(tmp_path):
 
     with pytest.raises(ValueError, match="down_proj_input_range.*non-positive"):
         transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_lora_on_a_moe_base_adapts_linears_and_refuses_experts():
+    pytest.importorskip("peft")
+    from afm.lora.model import attach_lora
+
+    model = build("qwen2_moe")
+    afm.convert(model, afm.get_preset("ahwa-lora"))
+    with pytest.raises(ValueError, match="analog MoE experts 'model.layers.0.mlp.experts'"):
+        attach_lora(copy.deepcopy(model), targets=["q_proj", "experts"])
+    with pytest.raises(ValueError, match="target_parameters.*onto the chip"):
+        attach_lora(copy.deepcopy(model), target_parameters=["experts.gate_up_proj"])
+    peft_model = attach_lora(model, seed=0)
+    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)  # experts frozen
+    assert any("shared_expert.down_proj.lora_A" in n for n in trainable)
+    with torch.no_grad():
+        assert torch.isfinite(peft_model(tokens()).logits).all()
