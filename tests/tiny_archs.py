@@ -75,7 +75,7 @@ def build(family: str, seed: int = 0) -> transformers.PreTrainedModel:
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(_config(family))
     with torch.no_grad():  # some families initialise experts / routers to zeros
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.ndim >= 2 and float(p.abs().max()) == 0.0:
                 p.normal_(0.0, 0.05)
     return model.eval()

@@ -132,7 +132,8 @@ def _initialise_ranges(model: nn.Module, keys: Sequence[str]) -> None:
     for key in keys:
         owner, _, attr = key.rpartition(".")
         layer = model.get_submodule(owner)
-        rng = getattr(layer, attr, None) if isinstance(layer, (AnalogLinear, AnalogExperts)) else None
+        analog = isinstance(layer, (AnalogLinear, AnalogExperts))
+        rng = getattr(layer, attr, None) if analog else None
         if isinstance(rng, torch.Tensor) and rng.device.type != "meta":
             rng.fill_(layer.analog_config.input.init_value)
 

@@ -65,6 +65,7 @@ __all__ = [
 class UnsupportedExportError(ValueError):
     """The model holds layers the pack-quantized format cannot express (nothing written)."""
 
+
 QMAX = 2 ** (W4_BITS - 1) - 1  # 7: symmetric levels -7..7
 
 
@@ -256,8 +257,7 @@ def refuse_fused_layers(model: nn.Module) -> None:
         raise UnsupportedExportError(
             f"afm-export: the model has {len(experts)} MoE experts modules (e.g. "
             f"{experts[0]!r}) with fused 3-D weights; the compressed-tensors pack-quantized "
-            f"format packs nn.Linear layers only and cannot express fused experts; "
-            + _DENSE_HINT
+            f"format packs nn.Linear layers only and cannot express fused experts; " + _DENSE_HINT
         )
     conv1d = [n for n, m in model.named_modules() if is_conv1d(m)]
     if conv1d:

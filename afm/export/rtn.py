@@ -76,9 +76,7 @@ def select_w4_layers(
         for name, module in model.named_modules()
         if name
         and not is_adapter_name(name)
-        and (
-            isinstance(module, nn.Linear) or (fused and (is_conv1d(module) or is_experts(module)))
-        )
+        and (isinstance(module, nn.Linear) or (fused and (is_conv1d(module) or is_experts(module))))
     }
     check_patterns_match("RTN-W4: skip", skip, linear, among="linear layer")
     targets: dict[str, nn.Linear] = {}
