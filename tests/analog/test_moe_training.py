@@ -6,6 +6,7 @@ and under DDP both ranks end bit-identical with every expert matrix clipped.
 
 from __future__ import annotations
 
+import copy
 import json
 import textwrap
 
@@ -119,3 +120,28 @@ def test_ddp_moe_ranks_end_identical_and_clipped(tmp_path):
         assert (rows.abs().amax(dim=1) / rows.std(dim=1)).max() <= sigma * 1.08, key
         checked += 1
     assert checked == 4
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_master_weight_clipping_matches_the_experts_own(family):
+    """The DeepSpeed path clips fp32 master copies: per expert, as AnalogExperts does."""
+    from tiny_archs import build
+
+    from afm.reference import clip_weight_
+    from afm.training.engines import _clipped_weights, _crossbars
+
+    model = build(family)
+    afm.convert(model, afm.get_preset("afm-paper"))
+    experts = model.model.layers[0].mlp.experts
+    with torch.no_grad():
+        for w in _clipped_weights(experts):
+            w.normal_()
+    reference = copy.deepcopy(experts)
+    reference.clip_weights_()
+    clip = experts.analog_config.clip
+    for w, want in zip(_clipped_weights(experts), _clipped_weights(reference), strict=True):
+        master = w.detach().clone().float()
+        for crossbar in _crossbars(experts, master.view(w.shape)):
+            clip_weight_(crossbar, clip.kind, clip.sigma)
+        assert torch.equal(master, want.detach())
+        assert not torch.equal(master, w.detach())  # something was clipped
