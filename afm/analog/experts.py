@@ -182,13 +182,7 @@ class AnalogExperts(nn.Module):
             reference.clip_weight_(w, clip.kind, clip.sigma)
 
     def backend_for(self, device: torch.device) -> Backend:
-        backend = self._backends.get(device.type)
-        if backend is None:
-            backend = dispatch.resolve_backend(
-                self.analog_config.backend, device, self.analog_config
-            )
-            self._backends[device.type] = backend
-        return backend
+        return dispatch.cached_backend(self._backends, self.analog_config, device)
 
     def _eval_abs_max(self, proj: str) -> Tensor | None:
         """``weight_abs_max`` of every expert [E, S, N], cached across eval forwards (keyed

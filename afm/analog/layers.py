@@ -135,13 +135,7 @@ class AnalogLinear(nn.Linear):
         self._abs_max_cache = None
 
     def backend_for(self, device: torch.device) -> Backend:
-        backend = self._backends.get(device.type)
-        if backend is None:
-            backend = dispatch.resolve_backend(
-                self.analog_config.backend, device, self.analog_config
-            )
-            self._backends[device.type] = backend
-        return backend
+        return dispatch.cached_backend(self._backends, self.analog_config, device)
 
     def _next_seed(self) -> int:
         return int(torch.randint(0, _SEED_HIGH, (1,), generator=self.noise_generator).item())
