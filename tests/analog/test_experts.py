@@ -238,3 +238,26 @@ def test_lora_on_a_moe_base_adapts_linears_and_refuses_experts():
     assert any("shared_expert.down_proj.lora_A" in n for n in trainable)
     with torch.no_grad():
         assert torch.isfinite(peft_model(tokens()).logits).all()
+
+
+def test_triton_backend_matches_torch_in_the_interpreter():
+    """Each expert block through the Triton launcher (interpreted on CPU) = the torch path."""
+    pytest.importorskip("triton")
+    import triton.language.random as tl_random
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if not isinstance(tl_random.randn, InterpretedFunction):
+        pytest.skip("triton was imported without TRITON_INTERPRET=1")
+    _, experts = _experts()
+    base = afm.get_preset("afm-paper")
+    quiet = dataclasses.replace(base.output_noise, keep_at_eval=False)  # no RNG at eval
+    x = torch.randn(6, 32)
+    idx, w = _routing(6, experts.num_experts)
+    outs = []
+    for backend in (Backend.TORCH, Backend.TRITON):
+        chip = dataclasses.replace(base, backend=backend, output_noise=quiet)
+        analog = AnalogExperts.from_experts(copy.deepcopy(experts), chip).eval()
+        assert analog.backend_for(x.device) is backend
+        with torch.no_grad():
+            outs.append(analog(x, idx, w))
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
