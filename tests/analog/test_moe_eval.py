@@ -24,9 +24,17 @@ def test_afm_eval_of_an_analog_moe_under_noise(tmp_path, capsys):
     torch.manual_seed(0)
     model = transformers.Qwen3MoeForCausalLM(
         transformers.Qwen3MoeConfig(
-            vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=4,
-            num_experts_per_tok=2, moe_intermediate_size=24, max_position_embeddings=128,
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=24,
+            max_position_embeddings=128,
         )  # fmt: skip
     )
     with torch.no_grad():  # Qwen3-MoE initialises its router to zeros: route for real
