@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from afm.analog.experts import AnalogExperts
 from afm.analog.layers import AnalogLinear
 from afm.reference import init_range_update
 
@@ -30,13 +31,15 @@ def calibrate_input_ranges_(
     For the first ``init_steps`` batches (the layer config's, or ``max_steps``)
     ``r ← |(r·k + α·std(x_tile)) / (k + 1)|``.  Each layer clips and quantizes with
     its updated range, so downstream layers see the inputs they will see in training.
+    MoE experts (``AnalogExperts``): each expert's ranges from the tokens routed to it
+    only, ``k`` counting the batches in which it received tokens.
     Batches are dicts of model kwargs (``input_ids``, ``attention_mask``...) or tensors.
     Returns the number of batches used.
     """
     layers = [
         m
         for m in model.modules()
-        if isinstance(m, AnalogLinear) and m.analog_config.input.uses_range
+        if isinstance(m, (AnalogLinear, AnalogExperts)) and m.analog_config.input.uses_range
     ]
     if not layers:
         logger.info("calibrate_input_ranges_: no analog layers with input ranges")
@@ -60,7 +63,25 @@ def calibrate_input_ranges_(
             )
         counts[id(layer)] = k + 1
 
-    handles = [layer.register_forward_pre_hook(pre_hook) for layer in layers]
+    expert_counts: dict[tuple[int, str, int], int] = {}
+
+    def observe(module: AnalogExperts, proj: str, expert: int, x: torch.Tensor) -> None:
+        key = (id(module), proj, expert)
+        k = expert_counts.get(key, 0)
+        if k >= module.analog_config.input.init_steps and max_steps is None:
+            return
+        rng = module.input_range(proj).data[expert]
+        alpha = module.analog_config.input.init_std_alpha
+        for s, (lo, hi) in enumerate(module.tile_bounds(proj)):
+            rng[s] = init_range_update(rng[s], x[:, lo:hi], k, alpha)
+        expert_counts[key] = k + 1
+
+    handles = []
+    for layer in layers:
+        if isinstance(layer, AnalogExperts):
+            layer.range_observer = observe
+        else:
+            handles.append(layer.register_forward_pre_hook(pre_hook))
     was_training = model.training
     model.eval()
     used = 0
@@ -85,6 +106,9 @@ def calibrate_input_ranges_(
     finally:
         for h in handles:
             h.remove()
+        for layer in layers:
+            if isinstance(layer, AnalogExperts):
+                layer.range_observer = None
         model.train(was_training)
     logger.info("calibrated input ranges of %d layers on %d batches", len(layers), used)
     return used

@@ -100,7 +100,7 @@ def make_student(
         p.requires_grad_(True)
     convert(student, config, **convert_kwargs)
     for layer in analog_layers(student).values():
-        layer.input_range.requires_grad_(layer.analog_config.input.uses_range)
+        layer.set_config(layer.analog_config)  # input-range gradients per the chip (experts too)
     student.train()
     return student
 
