@@ -23,7 +23,16 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["KDLossOutput", "kd_loss", "naive_kd_loss", "causal_lm_labels", "peak_cpu_memory"]
+__all__ = [
+    "KDLossOutput",
+    "causal_lm_labels",
+    "kd_loss",
+    "lm_chunk_grad",
+    "lm_chunk_loss",
+    "naive_kd_loss",
+    "peak_cpu_memory",
+    "token_weights",
+]
 
 
 @dataclass
@@ -46,7 +55,11 @@ def causal_lm_labels(input_ids: Tensor, attention_mask: Tensor | None, ignore_in
     return labels
 
 
-def _weights(mask: Tensor | None, labels: Tensor | None, n: int, device, beta: float, t: float):
+def token_weights(
+    mask: Tensor | None, labels: Tensor | None, n: int, device, beta: float, t: float
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+    """Per-token KD weights (the mask), the KD scale ``β·T²/count``, the flat labels and
+    their count (shared by the dense and the sparse KD losses)."""
     if mask is None:
         kd_w = torch.ones(n, device=device, dtype=torch.float32)
     else:
@@ -59,6 +72,19 @@ def _weights(mask: Tensor | None, labels: Tensor | None, n: int, device, beta: f
     else:
         lab, lm_count = None, torch.ones((), device=device)
     return kd_w, kd_scale, lab, lm_count
+
+
+def lm_chunk_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Summed next-token cross entropy of fp32 ``logits`` [n, V] (labels < 0 ignored)."""
+    ce = torch.nn.functional.cross_entropy(logits, labels.clamp_min(0), reduction="none")
+    return (ce * (labels >= 0)).sum()
+
+
+def lm_chunk_grad(logits: Tensor, labels: Tensor, scale: Tensor) -> Tensor:
+    """``scale ·`` the gradient of :func:`lm_chunk_loss` with respect to ``logits``."""
+    p = torch.softmax(logits, -1)
+    p[torch.arange(logits.shape[0], device=logits.device), labels.clamp_min(0)] -= 1.0
+    return p.mul_((scale * (labels >= 0).float())[:, None])
 
 
 class _ChunkedKD(torch.autograd.Function):
@@ -78,11 +104,7 @@ class _ChunkedKD(torch.autograd.Function):
                 kl_sum += (kl * kd_w[i:j]).sum()
                 del log_q, log_p
             if use_lm:
-                lab = labels[i:j]
-                ce = torch.nn.functional.cross_entropy(sc, lab.clamp_min(0), reduction="none") * (
-                    lab >= 0
-                )
-                lm_sum += ce.sum()
+                lm_sum += lm_chunk_loss(sc, labels[i:j])
         kd_mean = kl_sum / kd_w.sum().clamp_min(1.0)
         lm_mean = lm_sum / lm_count
         loss = kd_scale * kl_sum + (1.0 - beta) * lm_mean if use_lm else kd_scale * kl_sum
@@ -110,12 +132,7 @@ class _ChunkedKD(torch.autograd.Function):
                 out += q * (kd_w[i:j] * (kd_scale / temperature))[:, None]
                 del q
             if use_lm:
-                lab = labels[i:j]
-                valid = (lab >= 0).float()
-                p = torch.softmax(sc, -1)
-                p[torch.arange(j - i, device=s.device), lab.clamp_min(0)] -= 1.0
-                out += p * (valid * ((1.0 - beta) / lm_count))[:, None]
-                del p
+                out += lm_chunk_grad(sc, labels[i:j], (1.0 - beta) / lm_count)
             grad[i:j] = (out * g).to(grad.dtype)
         return grad, None, None, None, None, None, None, None, None, None
 
@@ -161,7 +178,8 @@ def kd_loss(
     v = student_logits.shape[-1]
     s = student_logits.reshape(-1, v)
     t = teacher_logits.detach().reshape(-1, v)
-    kd_w, kd_scale, lab, lm_count = _weights(mask, labels, s.shape[0], s.device, beta, temperature)
+    n = s.shape[0]
+    kd_w, kd_scale, lab, lm_count = token_weights(mask, labels, n, s.device, beta, temperature)
     loss, kl, lm = _ChunkedKD.apply(
         s,
         t,
