@@ -10,6 +10,7 @@ everything else stay frozen; hardware noise stays active on the analog path in
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -22,7 +23,12 @@ from afm.analog.calibration import calibrate_on_texts
 from afm.analog.convert import convert
 from afm.analog.hf import is_afm_checkpoint_config
 from afm.analog.layers import AnalogLinear, analog_layers
-from afm.analog.select import name_matches
+from afm.analog.select import (
+    check_patterns_match,
+    is_adapter_name,
+    name_matches,
+    output_head_names,
+)
 from afm.lora.layer import (  # first: checks the peft version before peft is used
     AnalogLoraLinear,
     PeftLoraLinear,
@@ -50,16 +56,23 @@ def _leaf(name: str) -> str:
 
 
 def _default_targets(model: nn.Module) -> list[str]:
-    layers = {
+    """Every analog layer but the output head (peft's ``all-linear`` rule too): an
+    adapter on a head tied to the embedding would make peft save the embedding
+    matrix with every adapter, and TRL refuses an adapter there.  Pass ``targets``
+    to adapt the head anyway."""
+    analog = {
         n.removesuffix(".base_layer")  # already wrapped by a LoRA layer (a second adapter)
         for n, m in model.named_modules()
         if isinstance(m, AnalogLinear)
     }
-    if not layers:
+    if not analog:
         raise ValueError(
             "the model has no AnalogLinear layers: convert it first "
             "(afm.convert(model, afm.get_preset('ahwa-lora'))) or load an afm checkpoint"
         )
+    layers = analog - output_head_names(model)
+    if not layers:
+        raise ValueError("afm.lora: the model has no analog layer besides its output head")
     leaves = sorted({_leaf(n) for n in layers})
     # Leaf names are short and portable; fall back to full names when a leaf name
     # also matches a digital layer (which the default must not target).
@@ -74,7 +87,48 @@ def _default_targets(model: nn.Module) -> list[str]:
     return leaves
 
 
+def _module_names(model: nn.Module) -> list[str]:
+    """What peft matches targets against: module names outside adapters (a layer that
+    already holds an adapter is named as before, without ``.base_layer``)."""
+    return [
+        n
+        for n, _ in model.named_modules()
+        if n and not is_adapter_name(n) and "base_layer" not in n.split(".")
+    ]
+
+
+def _peft_list_entry_matches(name: str, entry: str) -> bool:
+    """peft's rule for one entry of a ``target_modules`` list: exact name or dotted suffix."""
+    return name == entry or name.endswith("." + entry)
+
+
+def _peft_regex_matches(name: str, regex: str) -> bool:
+    """peft's rule for a ``target_modules`` string: a full regex match of the name."""
+    return re.fullmatch(regex, name) is not None
+
+
+def _check_targets(model: nn.Module, option: str, targets: str | Sequence[str] | None) -> None:
+    """Every target (peft's matching rules) names a module: a typo is an error listing the
+    closest names, not an adapter silently missing from that layer."""
+    if targets is None:
+        return
+    names = _module_names(model)
+    if isinstance(targets, str):
+        check_patterns_match(
+            f"afm.lora: {option}", [targets], names, matches=_peft_regex_matches, among="module"
+        )
+    else:
+        check_patterns_match(
+            f"afm.lora: {option}",
+            list(targets),
+            names,
+            matches=_peft_list_entry_matches,
+            among="module",
+        )
+
+
 def _check_modules_to_save(model: nn.Module, modules_to_save: Sequence[str] | None) -> None:
+    check_patterns_match("afm.lora: modules_to_save", modules_to_save, _module_names(model))
     for target in modules_to_save or ():
         for name, module in model.named_modules():
             if name_matches(name, [target]):
@@ -117,7 +171,8 @@ def attach_lora(
             function (then a further named adapter is added and made active).
         r, alpha, dropout: LoRA rank, ``lora_alpha`` and ``lora_dropout``.
         targets: peft ``target_modules`` (names or a regex); default: every analog
-            layer.  Plain ``nn.Linear`` targets get peft's stock LoRA layer.
+            layer.  Plain ``nn.Linear`` targets get peft's stock LoRA layer.  A target
+            that names no module is an error listing the closest names.
         adapter_name: the adapter's name (several adapters can share one base).
         modules_to_save: digital modules trained and saved alongside (a task head,
             norms); modules holding analog layers are refused.
@@ -138,6 +193,8 @@ def attach_lora(
     if is_peft and adapter_name in model.peft_config:
         raise ValueError(f"adapter {adapter_name!r} already exists on this model")
     _check_modules_to_save(base, modules_to_save)
+    _check_targets(base, "targets", targets)
+    _check_targets(base, "exclude_modules", lora_kwargs.get("exclude_modules"))
     target_modules: str | list[str]
     if targets is None:
         target_modules = _default_targets(base)

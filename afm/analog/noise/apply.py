@@ -11,10 +11,11 @@ which layers are visited or on which other layers are selected.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import operator
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,7 @@ from torch import Tensor, nn
 from afm.analog.layers import AnalogLinear
 from afm.analog.noise.models import NoiseModel
 from afm.analog.select import (
+    check_patterns_match,
     is_adapter_name,
     is_conv1d,
     is_linear_like,
@@ -32,7 +34,14 @@ from afm.analog.select import (
 )
 from afm.seeds import derive_seed
 
-__all__ = ["NoiseHandle", "apply_noise", "apply_noise_", "layer_seed", "select_noise_layers"]
+__all__ = [
+    "NoiseHandle",
+    "apply_noise",
+    "apply_noise_",
+    "layer_seed",
+    "seeded_read_noise",
+    "select_noise_layers",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -65,10 +74,15 @@ def select_noise_layers(
 
     ``include``/``exclude``: module names or regular expressions searched in the name
     (``afm.analog.select.name_matches``); ``only_analog``: only ``AnalogLinear`` layers.
+
+    Raises:
+        PatternMatchError: an include / exclude pattern matches none of the layers that
+            can be selected (the message lists the closest names).
+        ValueError: no layer is selected (noise on nothing would be a clean model).
     """
     inc, exc = _names(include), _names(exclude)
     heads = output_head_names(model) if skip_lm_head is not False else set()
-    selected: dict[str, nn.Module] = {}
+    eligible: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
         if not is_linear_like(module):
             continue
@@ -78,15 +92,25 @@ def select_noise_layers(
             continue
         if skip_adapters and is_adapter_name(name):
             continue
-        if inc is not None and not name_matches(name, inc):
-            continue
-        if exc is not None and name_matches(name, exc):
-            continue
         weight = getattr(module, "weight", None)
         if not isinstance(weight, Tensor) or not weight.is_floating_point():
             logger.warning("apply_noise_: skipping %s (weight is not a floating tensor)", name)
             continue
-        selected[name] = module
+        eligible[name] = module
+    what = "analog layer" if only_analog else "linear layer"
+    check_patterns_match("deployment noise: include", inc, eligible, among=what)
+    check_patterns_match("deployment noise: exclude", exc, eligible, among=what)
+    selected = {
+        name: module
+        for name, module in eligible.items()
+        if (inc is None or name_matches(name, inc)) and (exc is None or not name_matches(name, exc))
+    }
+    if not selected:
+        raise ValueError(
+            f"deployment noise: no layer selected among {len(eligible)} {what}s "
+            f"(include={include!r}, exclude={exclude!r}); noise on nothing would report a "
+            "clean model as a noisy one"
+        )
     return selected
 
 
@@ -212,8 +236,6 @@ def apply_noise_(
             with torch.no_grad():  # not .data: keep the version counter moving
                 param.copy_(noisy)
             saved[name] = _Saved(module, param, original, untied=False)
-    if not layers:
-        logger.warning("apply_noise_: no layer selected (include=%r, exclude=%r)", include, exclude)
     logger.info(
         "apply_noise_: perturbed %d layers with %s (seed=%d)", len(layers), noise_model.label, seed
     )
@@ -233,6 +255,21 @@ def _seed_read_noise(
             gen = torch.Generator().manual_seed(derive_seed("afm-read-noise", seed, name))
             module.noise_generator = gen
     return previous
+
+
+@contextlib.contextmanager
+def seeded_read_noise(model: nn.Module, seed: int) -> Iterator[nn.Module]:
+    """The model's eval-time output noise seeded from ``seed`` and each layer's name, as
+    on a programmed chip, without programming noise: an unprogrammed evaluation of a
+    chip whose output noise stays on at eval (``ahwa-lora``) is reproducible too.  The
+    layers' previous generators are put back on exit."""
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, AnalogLinear)}
+    previous = _seed_read_noise(layers, seed)
+    try:
+        yield model
+    finally:
+        for layer, generator in previous.items():
+            layer.noise_generator = generator
 
 
 def apply_noise(model: nn.Module, noise_model: NoiseModel, seed: int, **kwargs: Any) -> nn.Module:
