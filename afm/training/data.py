@@ -220,7 +220,11 @@ def _resolve_backend(cfg: SyntheticDataConfig) -> str:
             "logprobs only (use data.targets='top_k' with vLLM)"
         )
     backend = _available_backend(cfg)
-    return "hf" if sampled else backend
+    if backend == "vllm" and sampled:
+        logger.warning("data.targets=%r: sampling with transformers (vLLM returns top-k "
+                       "logprobs only)", cfg.targets)  # fmt: skip
+        return "hf"
+    return backend
 
 
 def _available_backend(cfg: SyntheticDataConfig) -> str:
