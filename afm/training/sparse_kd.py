@@ -22,7 +22,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from afm.training.kd_loss import KDLossOutput, lm_chunk_grad, lm_chunk_loss, token_weights
+from afm.training.kd_loss import (
+    KDLossOutput,
+    chunked_grad,
+    chunked_sums,
+    combine_losses,
+    token_weights,
+)
 
 __all__ = ["naive_sparse_kd_loss", "sparse_kd_loss"]
 
@@ -30,48 +36,39 @@ __all__ = ["naive_sparse_kd_loss", "sparse_kd_loss"]
 class _ChunkedSparseKD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, s, ids, w, const, kd_w, kd_scale, labels, lm_count, beta, chunk, inplace):  # noqa: ANN001,E501
-        n = s.shape[0]
-        kl_sum = torch.zeros((), device=s.device, dtype=torch.float32)
-        lm_sum = torch.zeros((), device=s.device, dtype=torch.float32)
         use_kd, use_lm = beta > 0, labels is not None and beta < 1
-        for i in range(0, n, chunk):
-            j = min(n, i + chunk)
-            sc = s[i:j].float()
-            if use_kd:
-                lse = torch.logsumexp(sc, -1, keepdim=True)
-                log_s = sc.gather(1, ids[i:j]) - lse
-                kl = const[i:j] - (w[i:j] * log_s).sum(-1)
-                kl_sum += (kl * kd_w[i:j]).sum()
-            if use_lm:
-                lm_sum += lm_chunk_loss(sc, labels[i:j])
-        kd_mean = kl_sum / kd_w.sum().clamp_min(1.0)
-        lm_mean = lm_sum / lm_count
-        loss = kd_scale * kl_sum + (1.0 - beta) * lm_mean if use_lm else kd_scale * kl_sum
+
+        def kl(i: int, j: int, sc: Tensor) -> Tensor:
+            log_s = sc.gather(1, ids[i:j]) - torch.logsumexp(sc, -1, keepdim=True)
+            return const[i:j] - (w[i:j] * log_s).sum(-1)
+
+        kl_sum, lm_sum = chunked_sums(
+            s, chunk, kl if use_kd else None, kd_w, labels if use_lm else None
+        )
+        loss, kd_mean, lm_mean = combine_losses(
+            kl_sum, lm_sum, kd_w, kd_scale, lm_count, beta, use_lm
+        )
         ctx.save_for_backward(s, ids, w, kd_w, kd_scale, labels if use_lm else None, lm_count)
-        ctx.cfg = (beta, chunk, use_kd, use_lm, inplace)
+        ctx.cfg = (beta, chunk, use_kd, inplace)
         ctx.mark_non_differentiable(kd_mean, lm_mean)
         return loss, kd_mean, lm_mean
 
     @staticmethod
     def backward(ctx, grad_loss, _g1, _g2):  # noqa: ANN001
         s, ids, w, kd_w, kd_scale, labels, lm_count = ctx.saved_tensors
-        beta, chunk, use_kd, use_lm, inplace = ctx.cfg
-        grad = s if inplace else torch.empty_like(s)
-        g = grad_loss.float()
-        for i in range(0, s.shape[0], chunk):
-            j = min(s.shape[0], i + chunk)
-            sc = s[i:j].float()
-            out = torch.zeros_like(sc)
-            if use_kd:
-                # d/ds of −Σ w·log s(x): (Σ w)·softmax − Σ w·e_x
-                wc = w[i:j]
-                q = torch.softmax(sc, -1).mul_(wc.sum(-1, keepdim=True))
-                q.scatter_add_(1, ids[i:j], -wc)
-                out += q.mul_((kd_w[i:j] * kd_scale)[:, None])
-                del q
-            if use_lm:
-                out += lm_chunk_grad(sc, labels[i:j], (1.0 - beta) / lm_count)
-            grad[i:j] = (out * g).to(grad.dtype)
+        beta, chunk, use_kd, inplace = ctx.cfg
+
+        def kd_grad(i: int, j: int, sc: Tensor) -> Tensor:
+            # d/ds of −Σ w·log s(x): (Σ w)·softmax − Σ w·e_x
+            wc = w[i:j]
+            q = torch.softmax(sc, -1).mul_(wc.sum(-1, keepdim=True))
+            q.scatter_add_(1, ids[i:j], -wc)
+            return q.mul_((kd_w[i:j] * kd_scale)[:, None])
+
+        grad = chunked_grad(
+            s, chunk, kd_grad if use_kd else None, labels, (1.0 - beta) / lm_count,
+            grad_loss, inplace,
+        )  # fmt: skip
         return grad, None, None, None, None, None, None, None, None, None, None
 
 
