@@ -45,11 +45,12 @@ class SyntheticDataConfig:
     seed: int = 0
     backend: str = "auto"
     """"hf" (transformers generate), "vllm", or "auto" (vLLM when installed and on GPU)."""
-    targets: str = "none"
+    targets: str = "top_k"
     """Sparse teacher targets stored with the tokens, so that training needs no live
-    teacher: "top_k" (the ``targets_k`` largest log-probs), "sampled" (random-sampling
-    KD: ``targets_samples`` ids drawn from the proposal with their importance weights),
-    "both", or "none"."""
+    teacher: "top_k" (the ``targets_k`` largest log-probs; the default: within noise of
+    live KD on the tiny main job, docs/training.md, and vLLM can produce it), "sampled"
+    (random-sampling KD: ``targets_samples`` ids drawn from the proposal with their
+    importance weights), "both", or "none" (train with the live teacher)."""
     targets_k: int = 12
     targets_samples: int = 12
     targets_proposal_temperature: float = 1.0
