@@ -3,8 +3,11 @@
 :func:`run_training` takes a resolved :class:`~afm.training.run_config.RunConfig` and
 
 1. refuses an output directory that holds another run (a rerun of the same one resumes);
-2. loads the FP teacher, samples the synthetic corpus into ``<output>/data`` (resumable);
-3. distils the analog student (``afm.training.distill``, checkpoints, exact resume);
+2. loads the FP teacher, samples the synthetic corpus into ``<output>/data`` (resumable),
+   with the sparse teacher targets of ``data.targets``;
+3. distils the analog student (``afm.training.distill``, checkpoints, exact resume): from
+   the cached targets when the shards hold them (the loaded model is converted into the
+   student, no teacher copy), else from the live teacher;
 4. saves it with its tokenizer (loads with ``from_pretrained`` after ``import afm``);
 5. for models with bundled tasks (``tiny``) prints the before/after table under noise.
 """
@@ -28,6 +31,7 @@ from afm.training.engines import make_accelerator
 from afm.training.report import before_after, format_table, has_bundled_tasks
 from afm.training.run_config import ConfigError, RunConfig
 from afm.training.shards import load_synthetic_data
+from afm.training.teacher_targets import resolve_target_form
 
 __all__ = ["RunOutcome", "check_output_dir", "run_training"]
 
@@ -188,7 +192,17 @@ def run_training(cfg: RunConfig, *, progress: bool = True) -> RunOutcome:
     acc.wait_for_everyone()
     teacher.to(acc.device)
     dataset = _data(cfg, acc, teacher, tokenizer, resuming, progress)
-    student = make_student(teacher, cfg.student_chip(), convert_lm_head=cfg.head_is_analog())
+    cached = resolve_target_form(dataset, cfg.train.kd_targets)
+    # Cached targets: the loaded model becomes the student, no teacher copy is kept.
+    student = make_student(
+        teacher,
+        cfg.student_chip(),
+        copy_teacher=cached is None,
+        convert_lm_head=cfg.head_is_analog(),
+    )
+    if cached is not None:
+        logger.info("training on the cached %r teacher targets: no live teacher", cached)
+        teacher = None
     result = distill(
         teacher,
         student,
@@ -208,6 +222,8 @@ def run_training(cfg: RunConfig, *, progress: bool = True) -> RunOutcome:
     train_s = time.perf_counter() - t_start
     table = None
     if acc.is_main_process and cfg.eval.enabled:
+        if teacher is None:  # the before/after table compares with the FP teacher
+            teacher = load_model(cfg.model, dtype=torch.float32).to(acc.device)
         evaluation, table = _evaluate(cfg, teacher, student, tokenizer, dataset, pad_id)
         if evaluation is not None:
             (out / "eval.json").write_text(json.dumps(evaluation, indent=2))

@@ -67,9 +67,26 @@ def check_meta(out: Path, cfg: SyntheticDataConfig, model_name: str | None) -> N
         tmp.unlink(missing_ok=True)
 
 
-def write_shard(out: Path, index: int, rows: list[list[int]]) -> None:
-    from datasets import Dataset
+def write_shard(
+    out: Path,
+    index: int,
+    rows: list[list[int]],
+    targets: list[dict[str, Any]] | None = None,
+    spec: Any = None,
+) -> None:
+    """Write shard ``index``: ``input_ids`` and, with ``targets`` (one dict of per-position
+    arrays per row, :mod:`afm.training.teacher_targets`), their flat target columns."""
+    from datasets import Dataset, Features, Sequence, Value
     from datasets.utils import logging as ds_logging
+
+    columns: dict[str, Any] = {"input_ids": rows}
+    features: dict[str, Any] = {"input_ids": Sequence(Value("int64"))}
+    if targets is not None:
+        from afm.training.teacher_targets import target_features
+
+        features.update(target_features(spec))
+        for c in spec.columns():
+            columns[c] = [t[c].reshape(-1) for t in targets]
 
     final = out / shard_name(index)
     tmp = out / f".{shard_name(index)}.tmp-{os.getpid()}"
@@ -78,7 +95,7 @@ def write_shard(out: Path, index: int, rows: list[list[int]]) -> None:
     bars = ds_logging.is_progress_bar_enabled()
     ds_logging.disable_progress_bar()
     try:
-        Dataset.from_dict({"input_ids": rows}).save_to_disk(str(tmp))
+        Dataset.from_dict(columns, features=Features(features)).save_to_disk(str(tmp))
     finally:
         if bars:
             ds_logging.enable_progress_bar()
