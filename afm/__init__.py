@@ -16,7 +16,16 @@ backends), ``analog`` (the chip on a model), ``training``, ``lora``, ``evaluate`
 from afm.analog import guards as _guards  # noqa: F401  (stock peft merges, load checks)
 from afm.analog.calibration import calibrate_input_ranges_
 from afm.analog.clipping import clip_callback, clip_weights_, register_clip_hook
-from afm.analog.convert import AlreadyAnalogError, analog_layers, convert, revert, set_chip
+from afm.analog.convert import (
+    AlreadyAnalogError,
+    UnsupportedLayerError,
+    analog_layers,
+    convert,
+    revert,
+    set_chip,
+)
+from afm.analog.coverage import Coverage, coverage
+from afm.analog.experts import AnalogExperts
 from afm.analog.hf import AfmQuantizationConfig, attach_quantization_config
 from afm.analog.layers import AnalogLinear
 from afm.analog.select import PatternMatchError
@@ -41,15 +50,18 @@ __all__ = [
     "AfmQuantizationConfig",
     "AlreadyAnalogError",
     "AnalogConfig",
+    "AnalogExperts",
     "AnalogLinear",
     "Backend",
     "ClipConfig",
     "ClipKind",
+    "Coverage",
     "InputQuantConfig",
     "OutputNoiseConfig",
     "OutputQuantConfig",
     "PRESETS",
     "PatternMatchError",
+    "UnsupportedLayerError",
     "WeightNoiseConfig",
     "WeightNoiseKind",
     "WeightQuantConfig",
@@ -59,6 +71,7 @@ __all__ = [
     "clip_callback",
     "clip_weights_",
     "convert",
+    "coverage",
     "export_int4",
     "get_preset",
     "register_clip_hook",

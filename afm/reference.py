@@ -264,7 +264,13 @@ def _forward(
         a = weight_abs_max(weight, bounds)
     w_eff = weight
     if w_noise_on:
-        w_eff = noisy_weight(weight, a, bounds, wn.kind, wn.std, gen)
+        # The elementwise backend may bring its own generator (numba: counter-based, the
+        # same distribution, not the same numbers); the oracle draws with torch.randn.
+        draw = getattr(elementwise, "noisy_weight", None)
+        if draw is None:
+            w_eff = noisy_weight(weight, a, bounds, wn.kind, wn.std, gen)
+        else:
+            w_eff = draw(weight, a, bounds, wn.kind, wn.std, gen, seed)
 
     per_channel_adc = adc_per_channel(config)
     bm_limit = bm.bound_management_limit(config) if bm.iterative(config) else None

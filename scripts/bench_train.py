@@ -9,7 +9,10 @@
    8-bit inputs/outputs, learned ranges, 3 % weight noise, clipping; the default
    backend, i.e. the fused numba kernels on CPU when numba is installed, or the one
    ``--backend`` names) vs plain KD into a digital student; same model, same batch.
-   Goal: AFM ≤ 1.3× plain KD.
+   Goal: AFM ≤ 1.3× plain KD.  Also the teacher-free AFM step (cached random-sampling
+   KD targets, :mod:`afm.training.sparse_kd`; goal ≤ 0.9× plain KD), a plain
+   cross-entropy step of the digital student (the floor), and the peak training memory
+   of the AFM step with and without the teacher's weights.
 2. Peak memory allocated by the KD loss (forward + backward) vs the naive fp32
    loss, measured with ``torch.profiler`` memory events (allocations made inside
    the loss only; the logits themselves exist before).
@@ -27,7 +30,9 @@ import torch
 import afm
 from afm.analog.clipping import register_clip_hook
 from afm.training.distill import make_student
-from afm.training.kd_loss import kd_loss, naive_kd_loss, peak_cpu_memory
+from afm.training.kd_loss import causal_lm_labels, kd_loss, naive_kd_loss, peak_cpu_memory
+from afm.training.sparse_kd import sparse_kd_loss
+from afm.training.teacher_targets import TargetSpec, sparse_targets
 
 
 def _random_llama(hidden: int, layers: int, ffn: int, vocab: int, heads: int = 4):
@@ -57,11 +62,24 @@ def _tiny():
 
 
 class _Stepper:
-    """One optimizer step of KD into ``student`` (teacher forward included)."""
+    """One optimizer step into ``student``: ``mode`` "live" (teacher forward + KD loss),
+    "cached" (sparse targets computed once beforehand: no teacher in the step) or "ce"
+    (next-token cross entropy, no teacher: the floor any distillation step can reach)."""
 
-    def __init__(self, teacher, student, ids) -> None:
-        self.teacher, self.student, self.ids = teacher.eval(), student.train(), ids
+    def __init__(self, teacher, student, ids, mode: str = "live", samples: int = 12) -> None:
+        self.teacher = teacher.eval() if mode == "live" else None
+        self.student, self.ids, self.mode = student.train(), ids, mode
         self.mask = torch.ones_like(ids)
+        self.labels = causal_lm_labels(ids, self.mask)
+        if mode == "cached":  # what the shards hold: random-sampling KD targets
+            spec = TargetSpec(("sampled",), samples=samples)
+            with torch.no_grad():
+                logits = teacher(input_ids=ids).logits
+            tg = sparse_targets(logits.reshape(-1, logits.shape[-1]), spec, None)
+            shape = (*ids.shape, samples)
+            self.t_ids = torch.from_numpy(tg["sampled_ids"]).long().reshape(shape)
+            self.t_w = torch.from_numpy(tg["sampled_weights"]).float().reshape(shape)
+            self.t_c = -torch.from_numpy(tg["entropy"]).reshape(ids.shape)
         self.opt = torch.optim.AdamW(
             [p for p in student.parameters() if p.requires_grad],
             lr=1e-4,
@@ -72,51 +90,90 @@ class _Stepper:
         if afm.analog_layers(student):
             register_clip_hook(self.opt, student)
 
-    def __call__(self) -> float:
-        t0 = time.perf_counter()
+    def _loss(self):
+        out = self.student(input_ids=self.ids, attention_mask=self.mask, use_cache=False).logits
+        if self.mode == "ce":
+            return torch.nn.functional.cross_entropy(
+                out.reshape(-1, out.shape[-1]), self.labels.reshape(-1), ignore_index=-100
+            )
+        if self.mode == "cached":
+            return sparse_kd_loss(
+                out, self.t_ids, self.t_w, self.t_c, mask=self.mask, chunk_size=512,
+                inplace_backward=True,
+            ).loss  # fmt: skip
         with torch.no_grad():
             t_logits = self.teacher(input_ids=self.ids, attention_mask=self.mask).logits
-        s_logits = self.student(input_ids=self.ids, attention_mask=self.mask, use_cache=False)
-        loss = kd_loss(
-            s_logits.logits, t_logits, mask=self.mask, chunk_size=512, inplace_backward=True
-        ).loss
-        loss.backward()
+        return kd_loss(out, t_logits, mask=self.mask, chunk_size=512, inplace_backward=True).loss
+
+    def step(self) -> None:
+        self._loss().backward()
         torch.nn.utils.clip_grad_norm_(self.student.parameters(), 1.0)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+
+    def __call__(self) -> float:
+        t0 = time.perf_counter()
+        self.step()
         return time.perf_counter() - t0
 
+    def resident_bytes(self) -> int:
+        """Weights and optimizer state that live across steps (the teacher's if live)."""
+        models = [self.student] + ([self.teacher] if self.teacher is not None else [])
+        total = sum(p.numel() * p.element_size() for m in models for p in m.parameters())
+        for state in self.opt.state.values():
+            total += sum(v.numel() * v.element_size() for v in state.values() if v.dim() > 0)
+        return total
 
-def time_pair(teacher, plain, analog, ids, steps: int, warmup: int = 2) -> tuple[float, float]:
-    """Median seconds per step of both students, steps interleaved (fair under load)."""
-    a, b = _Stepper(teacher, plain, ids), _Stepper(teacher, analog, ids)
-    ta, tb = [], []
+
+def time_steppers(steppers: list, steps: int, warmup: int = 2) -> list[float]:
+    """Median seconds per step of each stepper, steps interleaved (fair under load)."""
+    times: list[list[float]] = [[] for _ in steppers]
     for i in range(warmup + steps):
-        x, y = a(), b()
-        if i >= warmup:
-            ta.append(x)
-            tb.append(y)
-    return statistics.median(ta), statistics.median(tb)
+        for k, stepper in enumerate(steppers):
+            t = stepper()
+            if i >= warmup:
+                times[k].append(t)
+    return [statistics.median(t) for t in times]
+
+
+def _digital_copy(teacher):
+    plain = copy.deepcopy(teacher)
+    for p in plain.parameters():
+        p.requires_grad_(True)
+    return plain
 
 
 def bench_step(name: str, teacher, batch: int, seq: int, steps: int, backend: str) -> None:
     vocab = teacher.config.vocab_size
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (batch, seq), generator=g)
-    plain = copy.deepcopy(teacher)
-    for p in plain.parameters():
-        p.requires_grad_(True)
-    analog = make_student(teacher, afm.get_preset("afm-paper").replace(backend=backend))
+    chip = afm.get_preset("afm-paper").replace(backend=backend)
+    analog = make_student(teacher, chip)
+    cached_student = make_student(teacher, chip)
     layer = next(iter(afm.analog_layers(analog).values()))
     resolved = layer.backend_for(torch.device("cpu")).value
-    t_plain, t_afm = time_pair(teacher, plain, analog, ids, steps)
+    steppers = [
+        _Stepper(teacher, _digital_copy(teacher), ids),
+        _Stepper(teacher, analog, ids),
+        _Stepper(teacher, cached_student, ids, mode="cached"),
+        _Stepper(teacher, _digital_copy(teacher), ids, mode="ce"),
+    ]
+    t_plain, t_afm, t_cached, t_ce = time_steppers(steppers, steps)
+    mib = 2**20
+    peaks = [s.resident_bytes() + peak_cpu_memory(s.step) for s in steppers[1:3]]
     n_params = sum(p.numel() for p in teacher.parameters()) / 1e6
     print(
         f"[step] {name}: {n_params:.1f} M params, batch {batch} x {seq} tokens, "
-        f"{torch.get_num_threads()} threads\n"
-        f"       plain KD (digital student): {1e3 * t_plain:8.1f} ms/step\n"
-        f"       AFM distillation (afm-paper, backend {resolved}): {1e3 * t_afm:6.1f} ms/step\n"
-        f"       ratio AFM / plain KD: {t_afm / t_plain:.2f}x (goal <= 1.3x)"
+        f"{torch.get_num_threads()} threads, backend {resolved}\n"
+        f"       plain KD (digital student, live teacher): {1e3 * t_plain:8.1f} ms/step\n"
+        f"       AFM, live teacher:                        {1e3 * t_afm:8.1f} ms/step  "
+        f"{t_afm / t_plain:.2f}x plain KD (goal <= 1.3x)\n"
+        f"       AFM, cached sampled targets (no teacher): {1e3 * t_cached:8.1f} ms/step  "
+        f"{t_cached / t_plain:.2f}x plain KD (goal <= 0.9x), {t_cached / t_ce:.2f}x CE\n"
+        f"       plain CE step (digital student):          {1e3 * t_ce:8.1f} ms/step\n"
+        f"       peak training memory (weights + Adam + one step's allocations): "
+        f"live {peaks[0] / mib:.0f} MiB, cached {peaks[1] / mib:.0f} MiB "
+        f"({peaks[1] / peaks[0]:.2f}x)"
     )
 
 

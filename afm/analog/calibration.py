@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from afm.analog.experts import AnalogExperts
 from afm.analog.layers import AnalogLinear
 from afm.reference import init_range_update
 
@@ -80,12 +81,14 @@ def calibrate_input_ranges_(
     one ``BatchEncoding`` (or dict, or tensor) as a single batch; or a list of strings
     with ``tokenizer`` (tokenized in batches of ``batch_size``).  The progress bar's
     total is the number of batches that will really be used.  Returns that number.
+    MoE experts (``AnalogExperts``): each expert's ranges from the tokens routed to it
+    only, ``k`` counting the batches in which it received tokens.
     """
     batches = _as_batches(batches, tokenizer, batch_size)
     layers = [
         m
         for m in model.modules()
-        if isinstance(m, AnalogLinear) and m.analog_config.input.uses_range
+        if isinstance(m, (AnalogLinear, AnalogExperts)) and m.analog_config.input.uses_range
     ]
     if not layers:
         logger.info("calibrate_input_ranges_: no analog layers with input ranges")
@@ -109,7 +112,25 @@ def calibrate_input_ranges_(
             )
         counts[id(layer)] = k + 1
 
-    handles = [layer.register_forward_pre_hook(pre_hook) for layer in layers]
+    expert_counts: dict[tuple[int, str, int], int] = {}
+
+    def observe(module: AnalogExperts, proj: str, expert: int, x: torch.Tensor) -> None:
+        key = (id(module), proj, expert)
+        k = expert_counts.get(key, 0)
+        if k >= module.analog_config.input.init_steps and max_steps is None:
+            return
+        rng = module.input_range(proj).data[expert]
+        alpha = module.analog_config.input.init_std_alpha
+        for s, (lo, hi) in enumerate(module.tile_bounds(proj)):
+            rng[s] = init_range_update(rng[s], x[:, lo:hi], k, alpha)
+        expert_counts[key] = k + 1
+
+    handles = []
+    for layer in layers:
+        if isinstance(layer, AnalogExperts):
+            layer.range_observer = observe
+        else:
+            handles.append(layer.register_forward_pre_hook(pre_hook))
     was_training = model.training
     model.eval()
     used = 0
@@ -128,6 +149,9 @@ def calibrate_input_ranges_(
     finally:
         for h in handles:
             h.remove()
+        for layer in layers:
+            if isinstance(layer, AnalogExperts):
+                layer.range_observer = None
         model.train(was_training)
     logger.info("calibrated input ranges of %d layers on %d batches", len(layers), used)
     return used

@@ -12,16 +12,20 @@ from typing import Any
 import torch
 from torch import nn
 
+from afm.analog.experts import AnalogExperts
 from afm.analog.layers import AnalogLinear
 from afm.config import ClipKind
 
 
 @torch.no_grad()
 def clip_weights_(model: nn.Module) -> int:
-    """Clip every analog layer's weight in place per its config; returns layers clipped."""
+    """Clip every analog layer's weight in place per its config (each MoE expert's matrices
+    on their own); returns the modules clipped."""
     count = 0
     for module in model.modules():
-        if isinstance(module, AnalogLinear) and module.analog_config.clip.kind is not ClipKind.NONE:
+        if not isinstance(module, (AnalogLinear, AnalogExperts)):
+            continue
+        if module.analog_config.clip.kind is not ClipKind.NONE:
             module.clip_weights_()
             count += 1
     return count

@@ -17,6 +17,8 @@ from collections.abc import Mapping
 
 from torch import nn
 
+from afm.analog.coverage import coverage
+from afm.analog.experts import AnalogExperts
 from afm.analog.hf import attach_quantization_config, is_afm_checkpoint_config
 from afm.analog.layers import AnalogLinear, analog_layers
 from afm.analog.select import (
@@ -24,22 +26,36 @@ from afm.analog.select import (
     check_patterns_match,
     compile_patterns,
     input_embedding_weight,
+    is_experts,
     is_linear_like,
     name_matches,
     output_head_names,
+    router_names,
     set_module,
     unmatched_error,
+    unsupported_linear_maps,
     untie_word_embeddings,
 )
 from afm.config import AnalogConfig
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AlreadyAnalogError", "analog_layers", "convert", "revert", "set_chip"]
+__all__ = [
+    "AlreadyAnalogError",
+    "UnsupportedLayerError",
+    "analog_layers",
+    "convert",
+    "revert",
+    "set_chip",
+]
 
 
 class AlreadyAnalogError(ValueError):
     """``afm.convert`` on a model that already has analog layers."""
+
+
+class UnsupportedLayerError(ValueError):
+    """A linear map afm cannot put on the chip was selected (exclude it explicitly)."""
 
 
 def _check_config(config: object, what: str) -> None:
@@ -116,30 +132,37 @@ def convert(
     exclude: Selector = None,
     overrides: Mapping[str, AnalogConfig] | None = None,
     convert_lm_head: bool = False,
+    convert_router: bool = False,
 ) -> nn.Module:
-    """Swap ``nn.Linear`` (and GPT-2 ``Conv1D``) layers for ``AnalogLinear`` in place.
+    """Swap the model's linear maps for analog ones in place: ``nn.Linear`` (and GPT-2
+    ``Conv1D``) become ``AnalogLinear``, transformers' fused MoE experts ``AnalogExperts``.
 
     Args:
         model: any torch module, typically a HF causal LM, without analog layers (to
             change the chip of an analog model use :func:`set_chip`).
         config: the hardware model for every converted layer.
-        include: names / regexes of layers to convert (default: all linear layers).
+        include: names / regexes of layers to convert (default: all linear maps).
         exclude: names / regexes of layers to keep digital (applied after ``include``).
         overrides: ``{pattern: config}``; the first pattern that matches a layer's name
             gives that layer's config instead of ``config``.
         convert_lm_head: make the output head analog too (digital by default).  A head
             tied to the input embedding gets its own weight; the embedding never changes.
+        convert_router: make MoE routers analog too (digital by default: see
+            docs/architectures.md); only routers that are ``nn.Linear`` layers can be.
 
     Returns:
         ``model`` itself, converted; a HF model's ``config`` carries a live afm
-        quantization config, so ``model.save_pretrained`` writes the chip.
+        quantization config, so ``model.save_pretrained`` writes the chip.  The log line
+        reports :func:`afm.coverage`.
 
     Raises:
-        AlreadyAnalogError: the model already has ``AnalogLinear`` layers.
+        AlreadyAnalogError: the model already has analog layers.
         PatternMatchError: an include / exclude / overrides pattern selects no layer
             (the message lists the closest layer names).
-        ValueError: nothing would be converted, or the model is quantized by another
-            method.
+        UnsupportedLayerError: a selected module owns a matrix afm cannot simulate (a
+            custom experts or router class); ``exclude`` it to keep it digital.
+        ValueError: nothing would be converted, the model is quantized by another
+            method, or ``convert_router`` asks for a router that is not ``nn.Linear``.
     """
     _check_config(config, "config")
     existing = analog_layers(model)
@@ -151,10 +174,22 @@ def convert(
             "overrides=...); to start over from the digital model call afm.revert(model) first"
         )
     _refuse_foreign_quantization(model)
-    heads = output_head_names(model)
-    linear = [n for n, m in model.named_modules() if n and is_linear_like(m)]
-    selected = _select(linear, include, exclude, "afm.convert", "linear layer")
-    targets = [n for n in selected if convert_lm_head or n not in heads]
+    heads, routers = output_head_names(model), router_names(model)
+    unsupported = unsupported_linear_maps(model)
+    maps = [
+        n
+        for n, m in model.named_modules()
+        if n and (is_linear_like(m) or is_experts(m) or n in routers or n in unsupported)
+    ]
+    selected = _select(maps, include, exclude, "afm.convert", "linear layer")
+    _refuse_unsupported([n for n in selected if n in unsupported], unsupported)
+    targets = [
+        n
+        for n in selected
+        if (convert_lm_head or n not in heads) and (convert_router or n not in routers)
+    ]
+    if convert_router:
+        _check_routers(model, [n for n in targets if n in routers])
     if not targets:
         head_note = (
             " (the output head stays digital unless convert_lm_head=True)"
@@ -162,14 +197,18 @@ def convert(
             else ""
         )
         raise ValueError(
-            f"afm.convert: no layer to convert among the model's {len(linear)} linear "
+            f"afm.convert: no layer to convert among the model's {len(maps)} linear "
             f"layers (include={include!r}, exclude={exclude!r}){head_note}"
         )
     layer_configs = _layer_configs(targets, config, overrides, "afm.convert")
     emb_weight = input_embedding_weight(model)
     untied = False
     for name in targets:
-        layer = AnalogLinear.from_linear(model.get_submodule(name), layer_configs[name])
+        module = model.get_submodule(name)
+        if is_experts(module):
+            set_module(model, name, AnalogExperts.from_experts(module, layer_configs[name]))
+            continue
+        layer = AnalogLinear.from_linear(module, layer_configs[name])
         if emb_weight is not None and layer.weight is emb_weight:
             # An analog head must not share (and later clip) the embedding table.
             layer.weight = nn.Parameter(
@@ -181,8 +220,34 @@ def convert(
         untie_word_embeddings(model)
     if _has_hf_config(model):
         attach_quantization_config(model)
-    logger.info("afm.convert: %d layers converted to AnalogLinear", len(targets))
+    logger.info("afm.convert: %d modules converted; %s", len(targets), coverage(model).summary())
     return model
+
+
+def _refuse_unsupported(selected: list[str], unsupported: Mapping[str, nn.Module]) -> None:
+    if not selected:
+        return
+    kinds = sorted({type(unsupported[n]).__name__ for n in selected})
+    shown = ", ".join(repr(n) for n in selected[:3]) + (" ..." if len(selected) > 3 else "")
+    raise UnsupportedLayerError(
+        f"afm.convert: {len(selected)} modules own matrices that afm cannot put on the chip "
+        f"({shown}; class {', '.join(kinds)}): they are neither nn.Linear, GPT-2 Conv1D, "
+        "transformers experts nor routers. Keep them digital explicitly with "
+        f"exclude=[...{selected[0]!r}...] (afm.coverage reports them as not supported)"
+    )
+
+
+def _check_routers(model: nn.Module, names: list[str]) -> None:
+    """``convert_router=True`` only for routers afm can simulate: ``nn.Linear`` ones."""
+    bad = [n for n in names if not is_linear_like(model.get_submodule(n))]
+    if bad:
+        cls = type(model.get_submodule(bad[0])).__name__
+        raise ValueError(
+            f"afm.convert: convert_router=True, but router {bad[0]!r} ({cls}) is not an "
+            "nn.Linear: it computes its logits inside its own forward, which afm cannot "
+            "put on the chip; leave convert_router=False (routers stay digital, "
+            "docs/architectures.md) or exclude the routers"
+        )
 
 
 def set_chip(
@@ -217,14 +282,15 @@ def set_chip(
     layer_configs = _layer_configs(targets, config, overrides, "afm.set_chip")
     for name in targets:
         layer, cfg = layers[name], layer_configs[name]
-        tiles = cfg.num_tiles(layer.in_features)
-        if tiles != layer.input_range.numel():
-            raise ValueError(
-                f"afm.set_chip: the new config (max_input_size={cfg.max_input_size}) gives "
-                f"layer {name!r} {tiles} tiles, it has {layer.input_range.numel()}; input "
-                "ranges are per tile, so nothing was changed: afm.revert the model and "
-                "afm.convert it with the new config (then calibrate)"
-            )
+        for label, in_features, have in _tile_counts(name, layer):
+            tiles = cfg.num_tiles(in_features)
+            if tiles != have:
+                raise ValueError(
+                    f"afm.set_chip: the new config (max_input_size={cfg.max_input_size}) "
+                    f"gives {label} {tiles} tiles, it has {have}; input ranges "
+                    "are per tile, so nothing was changed: afm.revert the model and "
+                    "afm.convert it with the new config (then calibrate)"
+                )
     uncalibrated = [
         n
         for n in targets
@@ -243,11 +309,23 @@ def set_chip(
     return model
 
 
+def _tile_counts(name: str, layer: nn.Module) -> list[tuple[str, int, int]]:
+    """``(what, in_features, tiles it has)`` for each crossbar shape of an analog module."""
+    if isinstance(layer, AnalogExperts):
+        return [
+            (f"{proj} of {name!r}", layer.in_features(proj), layer.input_range(proj).shape[1])
+            for proj in layer.projections
+        ]
+    return [(f"layer {name!r}", layer.in_features, layer.input_range.numel())]
+
+
 def revert(model: nn.Module) -> nn.Module:
     """Put digital layers back (bitwise-identical weights); ``input_range`` is dropped."""
     names = list(analog_layers(model))
     for name in names:
-        set_module(model, name, model.get_submodule(name).to_linear())
+        module = model.get_submodule(name)
+        digital = module.to_experts() if isinstance(module, AnalogExperts) else module.to_linear()
+        set_module(model, name, digital)
     hf_config = getattr(model, "config", None)
     if is_afm_checkpoint_config(hf_config):
         del hf_config.quantization_config

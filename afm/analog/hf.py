@@ -34,13 +34,20 @@ from transformers.quantizers.auto import (
 )
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from afm.analog.experts import AnalogExperts
 from afm.analog.layers import AnalogLinear, analog_layers
 from afm.analog.load_checks import (
     LOAD_CONTEXT_ATTR,
     LoadContext,
     check_loaded_tensors,
 )
-from afm.analog.select import is_linear_like, name_matches, set_module
+from afm.analog.select import (
+    is_experts,
+    is_linear_like,
+    name_matches,
+    router_names,
+    set_module,
+)
 from afm.config import CONFIG_VERSION, AnalogConfig
 from afm.presets import get_preset
 
@@ -263,11 +270,13 @@ class AfmHfQuantizer(HfQuantizer):
         skip = set(self.get_modules_to_not_convert(model, None, None, add_default_skips=True))
         if qc.convert_lm_head:
             skip = {s for s in skip if "lm_head" not in s}
+        routers = router_names(model)  # digital by policy (docs/architectures.md)
         names = []
         for name, module in model.named_modules():
-            if not is_linear_like(module) or name_matches(name, skip):
+            if not (is_linear_like(module) or is_experts(module)) or name_matches(name, skip):
                 continue
-            names.append(name)
+            if name not in routers:
+                names.append(name)
         return names
 
     def _process_model_before_weight_loading(
@@ -288,15 +297,18 @@ class AfmHfQuantizer(HfQuantizer):
                     f"afm checkpoint lists analog layer {name!r}, which this "
                     f"model architecture does not have"
                 ) from None
-            if isinstance(module, AnalogLinear):
+            if isinstance(module, (AnalogLinear, AnalogExperts)):
                 continue
-            layer = AnalogLinear.from_linear(module, qc.config_for(name))
+            if is_experts(module):
+                layer = AnalogExperts.from_experts(module, qc.config_for(name))
+            else:
+                layer = AnalogLinear.from_linear(module, qc.config_for(name))
             set_module(model, name, layer)
         if not self.pre_quantized:
             # Converting a plain checkpoint: input_range is not in it (load_checks
             # initialises it; this keeps it out of transformers' "MISSING" report).
             ignore = list(getattr(model, "_keys_to_ignore_on_load_missing", None) or [])
-            model._keys_to_ignore_on_load_missing = ignore + [r"\.input_range$"]
+            model._keys_to_ignore_on_load_missing = ignore + [r"input_range$"]
         files = tuple(str(f) for f in checkpoint_files or ())
         setattr(model, LOAD_CONTEXT_ATTR, LoadContext(not self.pre_quantized, files))
         return model
@@ -304,7 +316,12 @@ class AfmHfQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         context: LoadContext | None = model.__dict__.pop(LOAD_CONTEXT_ATTR, None)
         for layer in analog_layers(model).values():
-            layer.input_range.data = layer.input_range.data.float()
+            if isinstance(layer, AnalogExperts):
+                ranges = list(layer.input_ranges().values())
+            else:
+                ranges = [layer.input_range]
+            for rng in ranges:
+                rng.data = rng.data.float()
         check_loaded_tensors(model, context.files if context is not None else ())
         # From now on the config on the model describes its layers as they are.
         model.config.quantization_config = AfmQuantizationConfig.bound_to(model)

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from afm import reference
+from afm.analog.experts import AnalogExperts
 from afm.analog.select import is_conv1d
 from afm.config import AnalogConfig, Backend
 from afm.kernels import dispatch
@@ -134,13 +135,7 @@ class AnalogLinear(nn.Linear):
         self._abs_max_cache = None
 
     def backend_for(self, device: torch.device) -> Backend:
-        backend = self._backends.get(device.type)
-        if backend is None:
-            backend = dispatch.resolve_backend(
-                self.analog_config.backend, device, self.analog_config
-            )
-            self._backends[device.type] = backend
-        return backend
+        return dispatch.cached_backend(self._backends, self.analog_config, device)
 
     def _next_seed(self) -> int:
         return int(torch.randint(0, _SEED_HIGH, (1,), generator=self.noise_generator).item())
@@ -199,6 +194,17 @@ class AnalogLinear(nn.Linear):
         )
 
 
-def analog_layers(model: nn.Module) -> dict[str, AnalogLinear]:
-    """``{qualified name: layer}`` for every ``AnalogLinear`` in ``model``."""
+AnalogModule = AnalogLinear | AnalogExperts
+
+
+def analog_layers(model: nn.Module) -> dict[str, AnalogModule]:
+    """``{qualified name: layer}`` for every analog module in ``model``: ``AnalogLinear``
+    layers and ``AnalogExperts`` (fused MoE experts).  Both have ``analog_config``,
+    ``set_config``, ``clip_weights_``, ``noise_generator`` and ``invalidate_cache``; only
+    ``AnalogLinear`` has ``weight`` / ``input_range`` (``AnalogExperts``: per projection)."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, (AnalogLinear, AnalogExperts))}
+
+
+def analog_linear_layers(model: nn.Module) -> dict[str, AnalogLinear]:
+    """``{qualified name: layer}`` for every ``AnalogLinear`` in ``model`` (no experts)."""
     return {n: m for n, m in model.named_modules() if isinstance(m, AnalogLinear)}

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from afm.analog.experts import AnalogExperts
 from afm.analog.layers import AnalogLinear, analog_layers
 
 logger = logging.getLogger(__name__)
@@ -72,7 +73,8 @@ class LoadContext:
 
 
 def _is_range_key(key: str) -> bool:
-    return key == _RANGE or key.endswith("." + _RANGE)
+    """``input_range`` of an ``AnalogLinear``, ``<proj>_input_range`` of ``AnalogExperts``."""
+    return key.endswith(_RANGE)
 
 
 def _source(model: nn.Module, context: LoadContext | None) -> str:
@@ -128,9 +130,12 @@ def check_input_range_keys(
 def _initialise_ranges(model: nn.Module, keys: Sequence[str]) -> None:
     """Converting a plain checkpoint: its ranges start at the chip's ``init_value``."""
     for key in keys:
-        layer = model.get_submodule(key.rpartition(".")[0])
-        if isinstance(layer, AnalogLinear) and layer.input_range.device.type != "meta":
-            layer.input_range.fill_(layer.analog_config.input.init_value)
+        owner, _, attr = key.rpartition(".")
+        layer = model.get_submodule(owner)
+        analog = isinstance(layer, (AnalogLinear, AnalogExperts))
+        rng = getattr(layer, attr, None) if analog else None
+        if isinstance(rng, torch.Tensor) and rng.device.type != "meta":
+            rng.fill_(layer.analog_config.input.init_value)
 
 
 def _file_holding(tensor: str, files: Sequence[str]) -> str:
@@ -149,7 +154,10 @@ def check_loaded_tensors(model: nn.Module, files: Sequence[str] = ()) -> None:
     """Every analog layer's weight, bias and ``input_range`` is finite, and its ranges are
     positive where the chip uses them (a zero range divides by zero)."""
     for name, layer in analog_layers(model).items():
-        tensors = {"weight": layer.weight, "bias": layer.bias, _RANGE: layer.input_range}
+        if isinstance(layer, AnalogExperts):
+            tensors = layer.analog_tensors()
+        else:
+            tensors = {"weight": layer.weight, "bias": layer.bias, _RANGE: layer.input_range}
         for suffix, tensor in tensors.items():
             if tensor is None or tensor.device.type == "meta":
                 continue
@@ -160,13 +168,16 @@ def check_loaded_tensors(model: nn.Module, files: Sequence[str] = ()) -> None:
                     f"{_file_holding(key, files)}: tensor {key!r} holds {bad} non-finite "
                     f"values (NaN or inf) of {tensor.numel()}; the checkpoint is damaged"
                 )
-        r = layer.input_range.detach()
-        if layer.analog_config.input.uses_range and r.device.type != "meta" and (r <= 0).any():
-            key = f"{name}.{_RANGE}"
-            raise DamagedCheckpointError(
-                f"{_file_holding(key, files)}: tensor {key!r} holds a non-positive input "
-                f"range ({float(r.min()):g}); ranges must be > 0 (the checkpoint is damaged)"
-            )
+        for suffix, tensor in tensors.items():
+            if not suffix.endswith(_RANGE):
+                continue
+            r = tensor.detach()
+            if layer.analog_config.input.uses_range and r.device.type != "meta" and (r <= 0).any():
+                key = f"{name}.{suffix}"
+                raise DamagedCheckpointError(
+                    f"{_file_holding(key, files)}: tensor {key!r} holds a non-positive input "
+                    f"range ({float(r.min()):g}); ranges must be > 0 (the checkpoint is damaged)"
+                )
 
 
 def install_key_checks() -> None:

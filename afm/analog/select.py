@@ -1,6 +1,9 @@
 """Which modules of a model are which: the one home of afm's selection rules.
 
 * :func:`is_conv1d` / :func:`is_linear_like` — a GPT-2 ``Conv1D`` or an ``nn.Linear``;
+* :func:`is_experts` / :func:`router_names` — transformers' fused MoE experts modules and
+  the routers that choose among them (digital by policy, docs/architectures.md);
+* :func:`unsupported_linear_maps` — parameterised linear maps afm cannot put on the chip;
 * :func:`name_matches` — does a module name match include / exclude / skip patterns;
 * :func:`check_patterns_match` — every pattern a caller passed selects something (an
   error listing the closest layer names otherwise: a typo is never a silent no-op);
@@ -31,7 +34,10 @@ __all__ = [
     "input_embedding_weight",
     "is_adapter_name",
     "is_conv1d",
+    "is_experts",
     "is_linear_like",
+    "router_names",
+    "unsupported_linear_maps",
     "name_matches",
     "output_head_names",
     "set_module",
@@ -50,6 +56,62 @@ def is_conv1d(module: nn.Module) -> bool:
 def is_linear_like(module: nn.Module) -> bool:
     """An ``nn.Linear`` (subclasses included, e.g. ``AnalogLinear``) or a GPT-2 ``Conv1D``."""
     return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def is_experts(module: nn.Module) -> bool:
+    """A transformers experts module with fused 3-D weights, as
+    ``transformers.integrations.moe.use_experts_implementation`` decorates it (it records
+    the layout: ``has_gate``, ``has_bias``, ``is_transposed``), or afm's analog one."""
+    if type(module).__name__ == "AnalogExperts":
+        return True
+    if not all(hasattr(module, a) for a in ("num_experts", "has_gate", "is_transposed")):
+        return False
+    first = "gate_up_proj" if module.has_gate else "up_proj"
+    return all(
+        isinstance(getattr(module, p, None), nn.Parameter) and getattr(module, p).ndim == 3
+        for p in (first, "down_proj")
+    )
+
+
+#: Child names that MoE blocks give their router (Mixtral / Qwen-MoE / OLMoE: ``gate``,
+#: GPT-OSS: ``router``).
+ROUTER_CHILD_NAMES = ("gate", "router")
+
+
+def router_names(model: nn.Module) -> set[str]:
+    """Qualified names of MoE routers: the ``gate`` / ``router`` sibling of an experts
+    module, or any module whose class name ends in ``Router`` (``MixtralTopKRouter``)."""
+    names = set()
+    for name, module in model.named_modules():
+        if type(module).__name__.endswith("Router") and _owns_matrix(module):
+            names.add(name)
+            continue
+        children = dict(module.named_children())
+        if not any(is_experts(c) for c in children.values()):
+            continue
+        for child in ROUTER_CHILD_NAMES:
+            if child in children and _owns_matrix(children[child]):
+                names.add(f"{name}.{child}" if name else child)
+    return names
+
+
+def _owns_matrix(module: nn.Module) -> bool:
+    return any(p.ndim >= 2 for p in module.parameters(recurse=False))
+
+
+def unsupported_linear_maps(model: nn.Module) -> dict[str, nn.Module]:
+    """Modules that own a matrix (a parameter with 2 or more dimensions) and are none of
+    what afm knows: linear layers, experts, routers, embeddings, peft adapters.  Converting
+    a model with one is an error unless the caller excludes it (``afm.convert``)."""
+    routers = router_names(model)
+    out = {}
+    for name, module in model.named_modules():
+        if not name or not _owns_matrix(module) or name in routers or is_adapter_name(name):
+            continue
+        if is_linear_like(module) or is_experts(module) or isinstance(module, nn.Embedding):
+            continue
+        out[name] = module
+    return out
 
 
 def compile_patterns(selector: Selector) -> list[re.Pattern] | None:

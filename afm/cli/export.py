@@ -1,8 +1,9 @@
 """``afm-export``: write a 4-bit compressed-tensors checkpoint of a model.
 
-    afm-export --model DIR_OR_ALIAS --out DIR [--group-size G] [--skip NAME ...]
+    afm-export --model DIR_OR_ALIAS --out DIR [--group-size G] [--skip NAME ...] [--dense]
 
-Parses the arguments, calls :func:`afm.export.export_int4` and prints its summary.
+Parses the arguments, calls :func:`afm.export.export_int4` (or, with ``--dense``,
+:func:`afm.export.export_rtn_w4`) and prints its summary.
 Bad input exits with status 2 and one line on stderr.
 """
 
@@ -45,13 +46,25 @@ def build_parser() -> argparse.ArgumentParser:
             "'--skip' with no name quantizes every linear layer"
         ),
     )
+    parser.add_argument(
+        "--dense",
+        action="store_true",
+        help=(
+            "write the dense RTN-W4 checkpoint instead (4-bit values in the model dtype): "
+            "for MoE experts and GPT-2 Conv1D, which the pack-quantized format cannot express"
+        ),
+    )
     return parser
 
 
 def _run(args: argparse.Namespace) -> int:
-    from afm.export import DEFAULT_SKIP, export_int4
+    from afm.export import DEFAULT_SKIP, export_int4, export_rtn_w4
 
     skip = DEFAULT_SKIP if args.skip is None else tuple(args.skip)
+    if args.dense:
+        out = export_rtn_w4(args.model, args.out, group_size=args.group_size, skip=skip)
+        print(f"afm export: dense RTN-W4 checkpoint -> {out}")
+        return 0
     print(export_int4(args.model, args.out, group_size=args.group_size, skip=skip))
     return 0
 

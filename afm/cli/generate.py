@@ -6,7 +6,9 @@
 
 Keys are the fields of ``afm.training.data_config.SyntheticDataConfig`` (``num_tokens``,
 ``seq_len``, ``sequences_per_shard``, ``batch_size``, ``temperature``, ``top_k``,
-``top_p``, ``eos``, ``prompts_file``, ``seed``, ``backend``), given bare or as
+``top_p``, ``eos``, ``prompts_file``, ``seed``, ``backend``, and the cached sparse
+teacher targets ``targets`` (none / top_k / sampled / both), ``targets_k``,
+``targets_samples``, ``targets_proposal_temperature``), given bare or as
 ``data.KEY``; ``--config`` reads the ``data:`` section of a run YAML (or a flat
 mapping).  Interrupted runs resume at the next missing shard; under torchrun /
 accelerate launch each rank writes its own shards.  Prints the stats summary as JSON.

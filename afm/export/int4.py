@@ -34,7 +34,7 @@ from torch import nn
 
 from afm.analog.convert import revert
 from afm.analog.hf import QUANT_METHOD
-from afm.analog.select import is_conv1d, untie_word_embeddings
+from afm.analog.select import is_conv1d, is_experts, untie_word_embeddings
 from afm.export.rtn import (
     DEFAULT_SKIP,
     W4_BITS,
@@ -48,7 +48,23 @@ from afm.reference import fake_quantize_weight
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["export_int4", "find_adapter_layers"]
+__all__ = [
+    "UnsupportedExportError",
+    "check_out_dir",
+    "digital_twin",
+    "export_int4",
+    "find_adapter_layers",
+    "refuse_adapters",
+    "refuse_foreign_quantizer",
+    "refuse_fused_layers",
+    "source_model",
+    "write_checkpoint",
+]
+
+
+class UnsupportedExportError(ValueError):
+    """The model holds layers the pack-quantized format cannot express (nothing written)."""
+
 
 QMAX = 2 ** (W4_BITS - 1) - 1  # 7: symmetric levels -7..7
 
@@ -70,7 +86,7 @@ def find_adapter_layers(model: nn.Module) -> list[str]:
     return names
 
 
-def _refuse_adapters(model: nn.Module) -> None:
+def refuse_adapters(model: nn.Module) -> None:
     names = find_adapter_layers(model)
     if names:
         more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
@@ -83,7 +99,7 @@ def _refuse_adapters(model: nn.Module) -> None:
         )
 
 
-def _refuse_foreign_quantizer(model: nn.Module) -> None:
+def refuse_foreign_quantizer(model: nn.Module) -> None:
     quantizer = getattr(model, "hf_quantizer", None)
     if quantizer is None:
         return
@@ -96,7 +112,7 @@ def _refuse_foreign_quantizer(model: nn.Module) -> None:
         )
 
 
-def _check_out_dir(out_dir: Path) -> None:
+def check_out_dir(out_dir: Path) -> None:
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         what = "is a file" if not out_dir.is_dir() else "exists and is not empty"
         raise ValueError(
@@ -152,7 +168,7 @@ def _load_source(source: str | Path) -> tuple[nn.Module, str]:
     return model, resolved
 
 
-def _digital_twin(model: nn.Module) -> nn.Module:
+def digital_twin(model: nn.Module) -> nn.Module:
     """A digital copy of ``model`` that shares its tensors (no weight is copied).
 
     Modules and the config are copied, parameters and buffers are not; ``afm.revert``
@@ -218,6 +234,41 @@ def _save_tokenizer(tokenizer: Any, source: str | None, out: Path) -> bool:
 
 
 # --------------------------------------------------------------------------- export
+_DENSE_HINT = (
+    "nothing was written. Export instead the dense RTN-W4 checkpoint "
+    "(afm.export.export_rtn_w4, afm-export --dense): the 4-bit values stored in the model "
+    "dtype, which plain transformers loads and whose logits equal RTN-W4 of the digital "
+    "weights"
+)
+
+
+def refuse_fused_layers(model: nn.Module) -> None:
+    """Refuse, before anything is written, layers compressed-tensors cannot pack.
+
+    Its ``pack-quantized`` format quantizes ``nn.Linear`` modules (``weight`` [out, in])
+    only: transformers' fused MoE experts (3-D ``gate_up_proj`` / ``down_proj``) are not
+    modules it can target, and transformers cannot load such a checkpoint even with the
+    experts left dense (its per-expert weight conversion fails under the
+    compressed-tensors quantizer); GPT-2's ``Conv1D`` stores ``[in, out]``, which the
+    packer would scale per input instead of per output channel.
+    """
+    experts = [n for n, m in model.named_modules() if is_experts(m)]
+    if experts:
+        raise UnsupportedExportError(
+            f"afm-export: the model has {len(experts)} MoE experts modules (e.g. "
+            f"{experts[0]!r}) with fused 3-D weights; the compressed-tensors pack-quantized "
+            f"format packs nn.Linear layers only and cannot express fused experts; " + _DENSE_HINT
+        )
+    conv1d = [n for n, m in model.named_modules() if is_conv1d(m)]
+    if conv1d:
+        raise UnsupportedExportError(
+            f"afm-export: the model has {len(conv1d)} GPT-2 Conv1D layers (e.g. "
+            f"{conv1d[0]!r}, weight stored [in, out]); the compressed-tensors pack-quantized "
+            "format packs nn.Linear layers ([out, in], one scale per output row) only; "
+            + _DENSE_HINT
+        )
+
+
 def _w4_scale(weight: torch.Tensor, group_size: int | None) -> torch.Tensor:
     """``Δ = max|W| / 7`` per channel [N, 1] or per group [N, K/g], fp32.
 
@@ -231,7 +282,7 @@ def _w4_scale(weight: torch.Tensor, group_size: int | None) -> torch.Tensor:
     return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
-def _source_model(model_or_dir: nn.Module | str | Path) -> tuple[nn.Module, str | None]:
+def source_model(model_or_dir: nn.Module | str | Path) -> tuple[nn.Module, str | None]:
     """The model to export and the directory its tokenizer files may come from."""
     if not isinstance(model_or_dir, nn.Module):
         return _load_source(model_or_dir)
@@ -294,7 +345,7 @@ def _pack_layers(
     return state, layers, untie
 
 
-def _write_checkpoint(
+def write_checkpoint(
     twin: nn.Module, out: Path, state: dict, tokenizer: Any, source_dir: str | None
 ) -> bool:
     """Save the model and its tokenizer; on any failure leave ``out`` as it was."""
@@ -340,6 +391,9 @@ def export_int4(
         An :class:`ExportSummary` (``print`` it for a table).
 
     Raises:
+        UnsupportedExportError: MoE experts or GPT-2 Conv1D layers (see
+            :func:`refuse_fused_layers`; :func:`afm.export.dense.export_rtn_w4` exports
+            them); nothing is written.
         ValueError: unmerged peft adapters, a non-empty ``out_dir``, an invalid group
             size or one that does not divide a layer's input dimension, a ``skip``
             pattern that matches no layer, a model already quantized by another method,
@@ -350,7 +404,7 @@ def export_int4(
     check_group_size(group_size)
     if isinstance(skip, str):
         skip = (skip,)
-    _check_out_dir(out)
+    check_out_dir(out)
     (
         Compressor,
         CompressionFormat,
@@ -360,11 +414,12 @@ def export_int4(
         QuantizationStatus,
     ) = _import_compressed_tensors()
 
-    model, source_dir = _source_model(model_or_dir)
-    _refuse_adapters(model)
-    _refuse_foreign_quantizer(model)
+    model, source_dir = source_model(model_or_dir)
+    refuse_adapters(model)
+    refuse_foreign_quantizer(model)
 
-    twin = _digital_twin(model)
+    twin = digital_twin(model)
+    refuse_fused_layers(twin)
     targets, skipped = select_w4_layers(twin, skip)  # every skip pattern must match
     check_group_divides(targets, group_size)
     args = QuantizationArgs(
@@ -380,9 +435,6 @@ def export_int4(
     if untie:
         untie_word_embeddings(twin)
         notes.append("note: the quantized output head was untied from the input embedding")
-    conv1d = [n for n, m in twin.named_modules() if is_conv1d(m)]
-    if conv1d:
-        notes.append(f"note: {len(conv1d)} GPT-2 Conv1D layers are not Linear; kept dense")
     qconfig = QuantizationConfig(
         config_groups={"group_0": scheme},
         format=CompressionFormat.pack_quantized.value,
@@ -390,7 +442,7 @@ def export_int4(
         ignore=sorted(skipped),
     )
     twin.config.quantization_config = qconfig.model_dump(mode="json")
-    tokenizer_saved = _write_checkpoint(twin, out, state, tokenizer, source_dir)
+    tokenizer_saved = write_checkpoint(twin, out, state, tokenizer, source_dir)
     files_bytes = sum(p.stat().st_size for p in out.glob("*.safetensors"))
     dtypes = sorted({str(layer.weight.dtype).removeprefix("torch.") for layer in targets.values()})
     summary = ExportSummary(

@@ -22,9 +22,12 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from afm.analog.experts import expert_matrix, expert_projections
 from afm.analog.select import (
     check_patterns_match,
     is_adapter_name,
+    is_conv1d,
+    is_experts,
     name_matches,
     untie_word_embeddings,
 )
@@ -49,11 +52,13 @@ DEFAULT_SKIP: tuple[str, ...] = ("lm_head",)
 
 
 def select_w4_layers(
-    model: nn.Module, skip: Iterable[str] = DEFAULT_SKIP
-) -> tuple[dict[str, nn.Linear], list[str]]:
+    model: nn.Module, skip: Iterable[str] = DEFAULT_SKIP, *, fused: bool = False
+) -> tuple[dict[str, nn.Module], list[str]]:
     """``({name: layer} to quantize, [names of linear layers skipped])``.
 
-    Every ``nn.Linear`` (``AnalogLinear`` included) whose name does not match ``skip``
+    Every ``nn.Linear`` (``AnalogLinear`` included) and, with ``fused``, every GPT-2
+    ``Conv1D`` and MoE experts module (digital or ``AnalogExperts``), whose name does not
+    match ``skip``
     (``afm.analog.select.name_matches``: exact name, dotted suffix such as ``"lm_head"``
     or ``"down_proj"``, or a regular expression); peft adapter matrices (``lora_A`` /
     ``lora_B``) are never quantized.
@@ -69,7 +74,9 @@ def select_w4_layers(
     linear = {
         name: module
         for name, module in model.named_modules()
-        if name and isinstance(module, nn.Linear) and not is_adapter_name(name)
+        if name
+        and not is_adapter_name(name)
+        and (isinstance(module, nn.Linear) or (fused and (is_conv1d(module) or is_experts(module))))
     }
     check_patterns_match("RTN-W4: skip", skip, linear, among="linear layer")
     targets: dict[str, nn.Linear] = {}
@@ -97,11 +104,32 @@ def check_group_divides(targets: dict[str, nn.Linear], group_size: int | None) -
     if group_size is None:
         return
     for name, layer in targets.items():
-        if layer.in_features % group_size:
-            raise ValueError(
-                f"group_size={group_size} does not divide in_features={layer.in_features} "
-                f"of layer {name!r}; use a divisor of it or group_size=None (per channel)"
-            )
+        for k in _in_features(layer):
+            if k % group_size:
+                raise ValueError(
+                    f"group_size={group_size} does not divide in_features={k} of layer "
+                    f"{name!r}; use a divisor of it or group_size=None (per channel)"
+                )
+
+
+def _in_features(layer: nn.Module) -> list[int]:
+    if is_experts(layer):
+        return [expert_matrix(layer, p, 0).shape[1] for p in expert_projections(layer)]
+    if is_conv1d(layer):
+        return [layer.weight.shape[0]]
+    return [layer.in_features]
+
+
+def _quantize_fused_(layer: nn.Module, group_size: int | None) -> None:
+    """RTN-W4 of a Conv1D ([in, out]: per output column) or of every expert's matrix."""
+    if is_conv1d(layer):
+        w = layer.weight
+        w.copy_(fake_quantize_weight(w.detach().t(), W4_BITS, group_size).t())
+        return
+    for proj in expert_projections(layer):
+        for e in range(getattr(layer, proj).shape[0]):
+            m = expert_matrix(layer, proj, e)
+            m.copy_(fake_quantize_weight(m.detach(), W4_BITS, group_size))
 
 
 @torch.no_grad()
@@ -111,6 +139,9 @@ def rtn_w4(
     skip: Iterable[str] = DEFAULT_SKIP,
 ) -> nn.Module:
     """RTN-W4 in place: every selected linear weight becomes its 4-bit fake-quantized value.
+
+    Linear layers, GPT-2 ``Conv1D`` layers (per output channel, i.e. per column of their
+    ``[in, out]`` weight) and each expert matrix of MoE experts modules.
 
     ``Δ = max|W| / 7`` per output channel (``group_size=None``) or per group of
     ``group_size`` consecutive inputs, ``W ← clamp(round(W/Δ), ±7)·Δ`` (spec §3, via
@@ -129,7 +160,7 @@ def rtn_w4(
             layer's input dimension (nothing is modified then).
     """
     check_group_size(group_size)
-    targets, _ = select_w4_layers(model, skip)
+    targets, _ = select_w4_layers(model, skip, fused=True)
     check_group_divides(targets, group_size)
     target_ids = {id(layer) for layer in targets.values()}
     # Parameters also used by a module that is not quantized (tied embeddings).
@@ -142,6 +173,9 @@ def rtn_w4(
     done: set[int] = set()
     untied = False
     for layer in targets.values():
+        if is_conv1d(layer) or is_experts(layer):
+            _quantize_fused_(layer, group_size)
+            continue
         w = layer.weight
         if id(w) in done:
             continue
@@ -155,7 +189,7 @@ def rtn_w4(
     if untied:
         untie_word_embeddings(model)
     logger.info(
-        "rtn_w4: %d linear layers quantized to 4 bits (%s)",
+        "rtn_w4: %d linear layers (experts, Conv1D included) quantized to 4 bits (%s)",
         len(targets),
         "per channel" if group_size is None else f"group {group_size}",
     )

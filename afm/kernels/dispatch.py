@@ -83,6 +83,17 @@ def resolve_backend(
     return Backend.TORCH
 
 
+def cached_backend(
+    cache: dict[str, Backend], config: AnalogConfig, device: torch.device
+) -> Backend:
+    """The backend for ``config`` on ``device``, resolved once per device type into
+    ``cache`` (a layer's own dict, cleared when its config changes)."""
+    backend = cache.get(device.type)
+    if backend is None:
+        backend = cache[device.type] = resolve_backend(config.backend, device, config)
+    return backend
+
+
 @functools.cache
 def _log_choice(backend: Backend, device_type: str) -> None:
     logger.info("afm: analog layers on %s use the %s backend", device_type, backend.value)

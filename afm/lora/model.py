@@ -21,6 +21,7 @@ from torch import nn
 
 from afm.analog.calibration import calibrate_on_texts
 from afm.analog.convert import convert
+from afm.analog.experts import AnalogExperts
 from afm.analog.hf import is_afm_checkpoint_config
 from afm.analog.layers import AnalogLinear, analog_layers
 from afm.analog.select import (
@@ -127,12 +128,43 @@ def _check_targets(model: nn.Module, option: str, targets: str | Sequence[str] |
         )
 
 
+_EXPERTS_HELP = (
+    "AHWA-LoRA adapters are digital (y = analog(x) + B·A·x), but peft can only adapt fused "
+    "MoE experts through target_parameters, which adds B·A into the weight itself, i.e. "
+    "onto the chip; target the attention / shared-expert linear layers instead (the "
+    "default targets every AnalogLinear and leaves the experts unadapted)"
+)
+
+
+def _refuse_expert_targets(
+    model: nn.Module, targets: str | Sequence[str] | None, lora_kwargs: dict[str, Any]
+) -> None:
+    """Adapters on analog experts are refused (see ``_EXPERTS_HELP``)."""
+    experts = [n for n, m in model.named_modules() if isinstance(m, AnalogExperts)]
+    if lora_kwargs.get("target_parameters"):
+        raise ValueError(
+            f"afm.lora: target_parameters={lora_kwargs['target_parameters']!r} is not "
+            f"supported on an analog model: {_EXPERTS_HELP}"
+        )
+    if targets is None or not experts:
+        return
+    if isinstance(targets, str):
+        hit = [n for n in experts if _peft_regex_matches(n, targets)]
+    else:
+        hit = [n for n in experts if any(_peft_list_entry_matches(n, t) for t in targets)]
+    if hit:
+        raise ValueError(
+            f"afm.lora: targets={targets!r} select the analog MoE experts {hit[0]!r}"
+            f"{f' (and {len(hit) - 1} more)' if len(hit) > 1 else ''}: {_EXPERTS_HELP}"
+        )
+
+
 def _check_modules_to_save(model: nn.Module, modules_to_save: Sequence[str] | None) -> None:
     check_patterns_match("afm.lora: modules_to_save", modules_to_save, _module_names(model))
     for target in modules_to_save or ():
         for name, module in model.named_modules():
             if name_matches(name, [target]):
-                if any(isinstance(m, AnalogLinear) for m in module.modules()):
+                if any(isinstance(m, (AnalogLinear, AnalogExperts)) for m in module.modules()):
                     raise ValueError(
                         f"modules_to_save={target!r} matches {name!r}, which holds analog "
                         "layers: training a copy of them would re-program the chip; "
@@ -141,13 +173,14 @@ def _check_modules_to_save(model: nn.Module, modules_to_save: Sequence[str] | No
 
 
 def freeze_base_(model: nn.Module) -> None:
-    """Freeze every analog parameter (``weight``, ``bias``, ``input_range``) in place.
+    """Freeze every analog parameter (``weight``, ``bias``, ``input_range``; the experts'
+    fused weights and ranges) in place.
 
     peft already freezes all non-adapter parameters; this also undoes
     ``AnalogLinear.set_config``, which re-enables ``input_range`` gradients.
     """
     for module in model.modules():
-        if isinstance(module, AnalogLinear):
+        if isinstance(module, (AnalogLinear, AnalogExperts)):
             for p in module.parameters(recurse=False):
                 p.requires_grad_(False)
 
@@ -195,6 +228,7 @@ def attach_lora(
     _check_modules_to_save(base, modules_to_save)
     _check_targets(base, "targets", targets)
     _check_targets(base, "exclude_modules", lora_kwargs.get("exclude_modules"))
+    _refuse_expert_targets(base, targets, lora_kwargs)
     target_modules: str | list[str]
     if targets is None:
         target_modules = _default_targets(base)

@@ -13,16 +13,20 @@ shards ``i ≡ r (mod w)``.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from afm.seeds import derive_seed
 from afm.training.data_config import DataError, SyntheticDataConfig, shard_seed
 from afm.training.shards import (
     STATS,
@@ -32,6 +36,13 @@ from afm.training.shards import (
     shard_name,
     write_index,
     write_shard,
+)
+from afm.training.teacher_targets import (
+    TargetRecorder,
+    TargetSpec,
+    concat_targets,
+    missing_targets,
+    row_targets,
 )
 
 logger = logging.getLogger(__name__)
@@ -82,8 +93,11 @@ def _hf_sample(
     cfg: SyntheticDataConfig,
     pad_id: int,
     eos_id: int | None,
-) -> list[list[int]]:
-    """One batched ``generate`` call with left padding; returns prompt + continuation."""
+    spec: TargetSpec | None = None,
+    target_gen: torch.Generator | None = None,
+) -> tuple[list[list[int]], list[dict] | None]:
+    """One batched ``generate`` call with left padding; returns prompt + continuation
+    and, with ``spec``, each row's per-position sparse teacher targets."""
     device = next(model.parameters()).device
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
@@ -110,11 +124,14 @@ def _hf_sample(
         kwargs["eos_token_id"] = eos_id
     else:
         kwargs["eos_token_id"] = None  # never stop early
-    with torch.no_grad():
-        out = model.generate(
-            input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs
-        ).cpu()
-    seqs = []
+    recorder = TargetRecorder(model, spec, target_gen) if spec is not None else nullcontext()
+    with torch.no_grad(), recorder:
+        if spec is None:
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
+        else:
+            out = _generate_with_last_target(model, ids.to(device), mask.to(device), kwargs)
+    out = out.cpu()
+    seqs, targets = [], [] if spec is not None else None
     for r, p in enumerate(prompts):
         row = out[r, width - len(p) :].tolist()
         if cfg.eos == "pack" and eos_id is not None:
@@ -125,12 +142,40 @@ def _hf_sample(
                 gen = [t for t in gen if t != pad_id]
             row = row[: len(p)] + gen
         seqs.append(row)
+        if spec is not None:
+            targets.append(row_targets(recorder.steps, r, len(p), len(row), spec))
+    return seqs, targets
+
+
+def _generate_with_last_target(model: Any, ids: Any, mask: Any, kwargs: dict) -> Any:
+    """``generate``, then one decoding step more on its cache: that step's logits are the
+    last token's target.  No token is sampled from it, so the random stream (and every
+    later batch of the shard) is the same as without targets."""
+    res = model.generate(input_ids=ids, attention_mask=mask, return_dict_in_generate=True, **kwargs)
+    seqs = res.sequences
+    full = torch.ones(seqs.shape, dtype=mask.dtype, device=mask.device)
+    full[:, : mask.shape[1]] = mask
+    # transformers >= 5.2x names the cache ``cache``; older versions ``past_key_values``.
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache = getattr(res, "cache", None) if name == "cache" else res.past_key_values
+    model(
+        input_ids=seqs[:, -1:],
+        attention_mask=full,
+        position_ids=full.sum(-1, keepdim=True) - 1,  # left padding: count real tokens
+        use_cache=True,
+        **{name: cache},
+    )
     return seqs
 
 
 def _vllm_sample(
-    llm: Any, prompts: Sequence[list[int]], max_new: int, cfg: SyntheticDataConfig, seed: int
-) -> list[list[int]]:
+    llm: Any,
+    prompts: Sequence[list[int]],
+    max_new: int,
+    cfg: SyntheticDataConfig,
+    seed: int,
+    spec: TargetSpec | None = None,
+) -> tuple[list[list[int]], list[dict] | None]:
     from vllm import SamplingParams  # optional extra
 
     params = SamplingParams(
@@ -138,15 +183,52 @@ def _vllm_sample(
         temperature=float(cfg.temperature),
         top_k=cfg.top_k or -1,
         top_p=cfg.top_p or 1.0,
-        max_tokens=max_new,
+        max_tokens=max_new + (spec is not None),  # one more: the last kept token's target
         ignore_eos=cfg.eos == "ignore",
         seed=seed,
+        logprobs=spec.k if spec is not None else None,
     )
     outs = llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
-    return [list(p) + list(o.outputs[0].token_ids) for p, o in zip(prompts, outs, strict=True)]
+    seqs, targets = [], [] if spec is not None else None
+    for p, o in zip(prompts, outs, strict=True):
+        gen = list(o.outputs[0].token_ids)[:max_new]
+        seqs.append(list(p) + gen)
+        if spec is not None:
+            steps = [_vllm_top_k(step, spec.k) for step in (o.outputs[0].logprobs or [])]
+            targets.append(row_targets(steps, 0, len(p), len(seqs[-1]), spec))
+    return seqs, targets
+
+
+def _vllm_top_k(step: dict[int, Any], k: int) -> dict[str, np.ndarray]:
+    """The ``k`` largest of one step's ``{token id: Logprob}`` (vLLM adds the sampled
+    token to the top ``k``), as one row of ``top_k`` targets."""
+    if len(step) < k:
+        raise DataError(f"vLLM returned {len(step)} logprobs for a position, fewer than "
+                        f"data.targets_k={k}")  # fmt: skip
+    best = sorted(step.items(), key=lambda kv: -kv[1].logprob)[:k]
+    return {
+        "top_k_ids": np.array([[t for t, _ in best]], np.int32),
+        "top_k_logprobs": np.array([[lp.logprob for _, lp in best]], np.float16),
+    }
 
 
 def _resolve_backend(cfg: SyntheticDataConfig) -> str:
+    sampled = "sampled" in cfg.target_forms
+    if cfg.backend == "vllm" and sampled:
+        # vLLM returns top-k logprobs, not draws from the full distribution.
+        raise DataError(
+            f"data.targets={cfg.targets!r} needs data.backend='hf': vLLM returns top-k "
+            "logprobs only (use data.targets='top_k' with vLLM)"
+        )
+    backend = _available_backend(cfg)
+    if backend == "vllm" and sampled:
+        logger.warning("data.targets=%r: sampling with transformers (vLLM returns top-k "
+                       "logprobs only)", cfg.targets)  # fmt: skip
+        return "hf"
+    return backend
+
+
+def _available_backend(cfg: SyntheticDataConfig) -> str:
     if cfg.backend == "hf":
         return "hf"
     try:
@@ -174,15 +256,24 @@ def _generate_shard(
     backend: str,
     llm: Any = None,
     progress: Any = None,
-) -> list[list[int]]:
+) -> tuple[list[list[int]], list[dict] | None]:
+    """Shard ``index``: its rows and, with ``data.targets``, each row's sparse targets."""
     seed = shard_seed(cfg.seed, index)
     pad_id = tokenizer.pad_token_id
     if pad_id is None:
         pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     eos_id = tokenizer.eos_token_id
+    spec = TargetSpec.from_config(cfg) if cfg.target_forms else None
+    target_gen = None
+    if spec is not None and "sampled" in spec.forms:
+        # Its own stream: the tokens stay those of a run without targets.
+        target_gen = torch.Generator(device=_device(model, backend))
+        target_gen.manual_seed(derive_seed("afm-targets", seed, 0))
     n = cfg.sequences_per_shard
     rows: list[list[int]] = []
+    row_t: list[dict] = []
     buffer: list[int] = []
+    buffer_t: list[dict] = []
     call = 0
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -196,27 +287,51 @@ def _generate_shard(
             width = max(len(p) for p in batch_prompts)
             max_new = max(1, cfg.seq_len - width)
             if backend == "vllm":
-                seqs = _vllm_sample(llm, batch_prompts, max_new, cfg, seed + call)
+                seqs, targets = _vllm_sample(llm, batch_prompts, max_new, cfg, seed + call, spec)
             else:
-                seqs = _hf_sample(model, batch_prompts, max_new, cfg, pad_id, eos_id)
+                seqs, targets = _hf_sample(
+                    model, batch_prompts, max_new, cfg, pad_id, eos_id, spec, target_gen
+                )
             call += 1
             if cfg.eos == "ignore":
                 new = [s[: cfg.seq_len] for s in seqs]
                 rows.extend(new)
+                if spec is not None:
+                    pairs = zip(targets, new, strict=True)
+                    row_t.extend(_cut(t, 0, len(s), spec) for t, s in pairs)
                 if progress is not None:
                     progress.update(sum(len(s) for s in new))
             else:  # stop-and-pack: documents back to back, cut into full rows
                 before = len(rows)
-                for s in seqs:
+                for r, s in enumerate(seqs):
                     buffer.extend(s)
+                    if spec is not None:
+                        buffer_t.append(targets[r])
                     while len(buffer) >= cfg.seq_len and len(rows) < n:
                         rows.append(buffer[: cfg.seq_len])
                         buffer = buffer[cfg.seq_len :]
+                        if spec is not None:
+                            joined = concat_targets(buffer_t, spec)
+                            row_t.append(_cut(joined, 0, cfg.seq_len, spec))
+                            buffer_t = [_cut(joined, cfg.seq_len, len(buffer) + cfg.seq_len, spec)]
                 if progress is not None:
                     progress.update((len(rows) - before) * cfg.seq_len)
                 if call > 1000 * max(1, n // cfg.batch_size):
                     raise RuntimeError("stop-and-pack made no progress (empty documents?)")
-    return rows[:n]
+    return rows[:n], (row_t[:n] if spec is not None else None)
+
+
+def _cut(targets: dict, lo: int, hi: int, spec: TargetSpec) -> dict:
+    """Positions ``lo:hi`` of per-position targets (padded with missing ones past the end)."""
+    part = {c: targets[c][lo:hi] for c in spec.columns()}
+    short = (hi - lo) - len(next(iter(part.values())))
+    return concat_targets([part, missing_targets(short, spec)], spec) if short > 0 else part
+
+
+def _device(model: Any, backend: str) -> torch.device:
+    if backend == "vllm" or model is None:
+        return torch.device("cpu")
+    return next(model.parameters()).device
 
 
 def generate_synthetic_data(
@@ -269,7 +384,10 @@ def generate_synthetic_data(
     if todo and backend == "vllm":
         from vllm import LLM
 
-        llm = LLM(model=model_name or model.name_or_path, seed=config.seed)
+        extra = {}
+        if config.target_forms:  # raw (T = 1) logprobs, as many as the targets keep
+            extra = {"max_logprobs": config.targets_k, "logprobs_mode": "raw_logprobs"}
+        llm = LLM(model=model_name or model.name_or_path, seed=config.seed, **extra)
     was_training = model.training
     model.eval()
     t0 = time.perf_counter()
@@ -283,8 +401,9 @@ def generate_synthetic_data(
     )
     try:
         for i in todo:
-            rows = _generate_shard(i, model, tokenizer, config, prompts, backend, llm, bar)
-            write_shard(out, i, rows)
+            rows, targets = _generate_shard(i, model, tokenizer, config, prompts, backend, llm, bar)
+            spec = TargetSpec.from_config(config) if targets is not None else None
+            write_shard(out, i, rows, targets, spec)
             tokens += sum(len(r) for r in rows)
             logger.info("wrote %s (%d sequences)", shard_name(i), len(rows))
     finally:

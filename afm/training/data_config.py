@@ -10,10 +10,13 @@ from typing import Any
 from afm.seeds import derive_seed
 from afm.validation import check_bool, check_choice, check_int, check_real, fail
 
-__all__ = ["CorpusConfig", "DataError", "SyntheticDataConfig", "shard_seed"]
+__all__ = ["TARGET_FORMS", "CorpusConfig", "DataError", "SyntheticDataConfig", "shard_seed"]
 
 _EOS_MODES = ("ignore", "pack")
 _BACKENDS = ("auto", "hf", "vllm")
+TARGET_FORMS = ("none", "top_k", "sampled", "both")
+"""Sparse teacher targets stored per position (afm.training.teacher_targets)."""
+_TARGET_FIELDS = ("targets", "targets_k", "targets_samples", "targets_proposal_temperature")
 
 
 class DataError(ValueError):
@@ -42,6 +45,16 @@ class SyntheticDataConfig:
     seed: int = 0
     backend: str = "auto"
     """"hf" (transformers generate), "vllm", or "auto" (vLLM when installed and on GPU)."""
+    targets: str = "top_k"
+    """Sparse teacher targets stored with the tokens, so that training needs no live
+    teacher: "top_k" (the ``targets_k`` largest log-probs; the default: within noise of
+    live KD on the tiny main job, docs/training.md, and vLLM can produce it), "sampled"
+    (random-sampling KD: ``targets_samples`` ids drawn from the proposal with their
+    importance weights), "both", or "none" (train with the live teacher)."""
+    targets_k: int = 12
+    targets_samples: int = 12
+    targets_proposal_temperature: float = 1.0
+    """Proposal of the sampled form: ``q ∝ p^(1/τ)`` (1: the teacher itself)."""
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> None:
@@ -61,6 +74,16 @@ class SyntheticDataConfig:
         check_choice("data", "eos", self.eos, _EOS_MODES)
         check_choice("data", "backend", self.backend, _BACKENDS)
         check_int("data", "seed", self.seed)
+        check_choice("data", "targets", self.targets, TARGET_FORMS)
+        check_int("data", "targets_k", self.targets_k, minimum=1)
+        check_int("data", "targets_samples", self.targets_samples, minimum=1)
+        check_real("data", "targets_proposal_temperature", self.targets_proposal_temperature,
+                   minimum=0.0, strict=True)  # fmt: skip
+
+    @property
+    def target_forms(self) -> tuple[str, ...]:
+        """The stored sparse forms: () , ("top_k",), ("sampled",) or both."""
+        return {"none": (), "both": ("top_k", "sampled")}.get(self.targets, (self.targets,))
 
     @property
     def num_shards(self) -> int:
@@ -70,6 +93,9 @@ class SyntheticDataConfig:
         """The fields that determine the samples (``backend`` does not)."""
         d = dataclasses.asdict(self)
         d.pop("backend")
+        if self.targets == "none":  # the recipe of a directory written before targets existed
+            for name in _TARGET_FIELDS:
+                d.pop(name)
         return d
 
 

@@ -57,6 +57,7 @@ from afm.training.engines import (
 )
 from afm.training.progress import TrainLog, resolve_progress
 from afm.training.step import Stepper
+from afm.training.teacher_targets import CachedTargets, resolve_target_form, tokens_only
 
 logger = logging.getLogger(__name__)
 
@@ -86,23 +87,29 @@ class DistillResult:
 
 
 def make_student(
-    teacher: nn.Module, preset: str | AnalogConfig = "afm-paper", **convert_kwargs: Any
+    teacher: nn.Module,
+    preset: str | AnalogConfig = "afm-paper",
+    *,
+    copy_teacher: bool = True,
+    **convert_kwargs: Any,
 ) -> nn.Module:
     """A deep copy of ``teacher`` with its linear layers converted.
 
     The output head follows the preset's head policy when ``preset`` is a name
     (``afm.presets.analog_head_of``: analog for afm-paper, tiny-stress, ahwa-lora),
     else ``afm.convert``'s default (digital); ``convert_lm_head=`` overrides either.
+    ``copy_teacher=False`` converts ``teacher`` itself (training from cached targets
+    needs no teacher afterwards, so it never holds two copies).
     """
     if isinstance(preset, str):
         convert_kwargs.setdefault("convert_lm_head", analog_head_of(preset))
     config = get_preset(preset) if isinstance(preset, str) else preset
-    student = copy.deepcopy(teacher)
+    student = copy.deepcopy(teacher) if copy_teacher else teacher
     for p in student.parameters():
         p.requires_grad_(True)
     convert(student, config, **convert_kwargs)
     for layer in analog_layers(student).values():
-        layer.input_range.requires_grad_(layer.analog_config.input.uses_range)
+        layer.set_config(layer.analog_config)  # input-range gradients per the chip (experts too)
     student.train()
     return student
 
@@ -250,11 +257,29 @@ def _finished_student(acc: Any, model: nn.Module, shell: nn.Module | None, cfg: 
     return trained
 
 
+def _cached_targets(dataset: Any, cfg: DistillConfig, teacher: nn.Module | None):
+    """The cached targets ``train.kd_targets`` picks for ``dataset`` (None: live teacher)."""
+    form = resolve_target_form(dataset, cfg.kd_targets)
+    if form is None:
+        if teacher is None:
+            raise ValueError(
+                f"train.kd_targets={cfg.kd_targets!r}: the data holds no cached teacher "
+                "targets, so distillation needs the live teacher (teacher=None given)"
+            )
+        return None
+    if cfg.temperature != 1.0:
+        raise ValueError(
+            f"train.temperature={cfg.temperature!r} is invalid with cached {form!r} targets: "
+            "they hold the teacher's T = 1 distribution (set train.kd_targets=live)"
+        )
+    return CachedTargets(dataset, form)
+
+
 # --------------------------------------------------------------------------- training
 
 
 def distill(
-    teacher: nn.Module,
+    teacher: nn.Module | None,
     student: nn.Module,
     dataset: Any,
     config: DistillConfig,
@@ -277,10 +302,15 @@ def distill(
     The student is trained in place (single device, DDP); under FSDP / DeepSpeed use
     ``result.model``, the whole fp32 student gathered onto the main process.  Either
     way ``result.model`` is the one to save with :func:`save_student`.
+
+    When ``dataset`` holds cached sparse teacher targets (``data.targets``) and
+    ``train.kd_targets`` picks them, the teacher is not used: pass ``teacher=None``.
     """
     cfg = config
     if not analog_layers(student):
         raise ValueError("the student has no AnalogLinear layers: use make_student / afm.convert")
+    targets = _cached_targets(dataset, cfg, teacher)
+    dataset = tokens_only(dataset)
     acc = (
         accelerator
         if accelerator is not None
@@ -305,7 +335,8 @@ def distill(
         )
     total = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * order.steps_per_epoch))
     fingerprint = cfg.fingerprint(order.n)
-    teacher = _freeze_teacher(teacher, cfg, acc.device)
+    if targets is None:
+        teacher = _freeze_teacher(teacher, cfg, acc.device)
     _prepare_student(student, cfg, acc.device)
 
     checkpoints = list_checkpoints(ckpt_root) if resume else []
@@ -327,7 +358,10 @@ def distill(
         torch.manual_seed(cfg.seed * 7919 + rank + 1)  # noise streams differ per rank
     end = total if max_steps_this_run is None else min(total, start + max_steps_this_run)
 
-    stepper = Stepper(acc, model, teacher, optimizer, order, cfg, pad_id, clip_fn)
+    stepper = Stepper(
+        acc, model, teacher if targets is None else None, optimizer, order, cfg, pad_id, clip_fn,
+        targets,
+    )  # fmt: skip
     if cfg.report_to:
         acc.init_trackers("afm-train", config=_hparams(cfg))
     log = TrainLog(

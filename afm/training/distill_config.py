@@ -10,9 +10,17 @@ import torch
 
 from afm.validation import check_choice, check_int, fail
 
-__all__ = ["MIXED_PRECISION", "NOT_IN_FINGERPRINT", "TEACHER_DTYPES", "TRACKERS", "DistillConfig"]
+__all__ = [
+    "KD_TARGETS",
+    "MIXED_PRECISION",
+    "NOT_IN_FINGERPRINT",
+    "TEACHER_DTYPES",
+    "TRACKERS",
+    "DistillConfig",
+]
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
+KD_TARGETS = ("auto", "live", "top_k", "sampled")
 # accelerate's tracker names (accelerate.utils.LoggerType) that train.report_to accepts.
 TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab")
 # Keys a resumed run may change: the saving / logging cadence, the trackers, and
@@ -48,6 +56,11 @@ class DistillConfig:
     beta: float = 1.0
     """Weight of the KD term; ``1 - beta`` weights the next-token LM loss."""
     kd_chunk_size: int = 1024
+    kd_targets: str = "auto"
+    """Where the KD targets come from: "live" (the teacher runs on every batch),
+    "top_k" / "sampled" (the sparse targets cached in the shards, no teacher loaded:
+    ``afm.training.teacher_targets``), or "auto": "sampled" if the shards hold it, else
+    "top_k" if they hold it, else "live"."""
     calibration_batches: int | None = None
     """Input-range calibration batches; None uses the preset's ``init_steps``."""
     mixed_precision: str = "no"
@@ -95,6 +108,7 @@ class DistillConfig:
         ):
             bad("calibration_batches", "must be an int >= 0 or None")
         check_choice("train", "mixed_precision", self.mixed_precision, MIXED_PRECISION)
+        check_choice("train", "kd_targets", self.kd_targets, KD_TARGETS)
         if self.teacher_dtype is not None and self.teacher_dtype not in TEACHER_DTYPES:
             bad("teacher_dtype", f"must be one of {sorted(TEACHER_DTYPES)} or None")
         check_int("train", "seed", self.seed)

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from afm.analog.clipping import clip_weights_, register_clip_hook
+from afm.analog.experts import AnalogExperts
 from afm.analog.layers import analog_layers
 from afm.config import ClipKind
 from afm.reference import clip_weight_
@@ -245,6 +246,20 @@ def _refresh_forward_copy(weight: nn.Parameter, master: torch.Tensor) -> None:
         weight.data.copy_(master.view_as(weight))
 
 
+def _clipped_weights(layer: nn.Module) -> list[nn.Parameter]:
+    """The parameters clipping acts on: the weight, or a MoE layer's fused expert weights."""
+    if isinstance(layer, AnalogExperts):
+        return [getattr(layer, proj) for proj in layer.projections]
+    return [layer.weight]
+
+
+def _crossbars(layer: nn.Module, master: torch.Tensor) -> list[torch.Tensor]:
+    """``[out, in]`` views of ``master`` that are clipped on their own (one per expert)."""
+    if not isinstance(layer, AnalogExperts):
+        return [master]
+    return [master[e].t() if layer.is_transposed else master[e] for e in range(master.shape[0])]
+
+
 def clip_after_step(accelerator: Any, model: nn.Module, optimizer: Any) -> tuple[Any, Any]:
     """The clipping that acts on the weights the optimizer updates.
 
@@ -265,12 +280,15 @@ def clip_after_step(accelerator: Any, model: nn.Module, optimizer: Any) -> tuple
                 clip = layer.analog_config.clip
                 if clip.kind is ClipKind.NONE:
                     continue
-                master = safe_get_full_fp32_param(layer.weight)
-                if master is None:
-                    continue
-                clip_weight_(master, clip.kind, clip.sigma)
-                safe_set_full_fp32_param(layer.weight, master)  # the optimizer's copy
-                _refresh_forward_copy(layer.weight, master)
+                for weight in _clipped_weights(layer):
+                    master = safe_get_full_fp32_param(weight)
+                    if master is None:
+                        continue
+                    full = master.view(getattr(weight, "ds_shape", weight.shape))
+                    for crossbar in _crossbars(layer, full):
+                        clip_weight_(crossbar, clip.kind, clip.sigma)
+                    safe_set_full_fp32_param(weight, master)  # the optimizer's copy
+                    _refresh_forward_copy(weight, master)
 
         return clip_ds, None
     if getattr(accelerator, "is_fsdp2", False):

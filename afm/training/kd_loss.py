@@ -23,7 +23,19 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["KDLossOutput", "kd_loss", "naive_kd_loss", "causal_lm_labels", "peak_cpu_memory"]
+__all__ = [
+    "KDLossOutput",
+    "causal_lm_labels",
+    "chunked_grad",
+    "chunked_sums",
+    "combine_losses",
+    "kd_loss",
+    "lm_chunk_grad",
+    "lm_chunk_loss",
+    "naive_kd_loss",
+    "peak_cpu_memory",
+    "token_weights",
+]
 
 
 @dataclass
@@ -46,7 +58,11 @@ def causal_lm_labels(input_ids: Tensor, attention_mask: Tensor | None, ignore_in
     return labels
 
 
-def _weights(mask: Tensor | None, labels: Tensor | None, n: int, device, beta: float, t: float):
+def token_weights(
+    mask: Tensor | None, labels: Tensor | None, n: int, device, beta: float, t: float
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+    """Per-token KD weights (the mask), the KD scale ``β·T²/count``, the flat labels and
+    their count (shared by the dense and the sparse KD losses)."""
     if mask is None:
         kd_w = torch.ones(n, device=device, dtype=torch.float32)
     else:
@@ -61,62 +77,116 @@ def _weights(mask: Tensor | None, labels: Tensor | None, n: int, device, beta: f
     return kd_w, kd_scale, lab, lm_count
 
 
+def lm_chunk_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Summed next-token cross entropy of fp32 ``logits`` [n, V] (labels < 0 ignored)."""
+    ce = torch.nn.functional.cross_entropy(logits, labels.clamp_min(0), reduction="none")
+    return (ce * (labels >= 0)).sum()
+
+
+def lm_chunk_grad(logits: Tensor, labels: Tensor, scale: Tensor) -> Tensor:
+    """``scale ·`` the gradient of :func:`lm_chunk_loss` with respect to ``logits``."""
+    p = torch.softmax(logits, -1)
+    p[torch.arange(logits.shape[0], device=logits.device), labels.clamp_min(0)] -= 1.0
+    return p.mul_((scale * (labels >= 0).float())[:, None])
+
+
+def chunked_sums(
+    s: Tensor,
+    chunk: int,
+    kl_of_chunk: Callable[[int, int, Tensor], Tensor] | None,
+    kd_w: Tensor,
+    labels: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """Walk the fp32 logits ``s`` in chunks: ``Σ kd_w · kl_of_chunk(i, j, s[i:j])`` (None:
+    no KD term) and the summed LM cross entropy (None labels: none)."""
+    kl_sum = torch.zeros((), device=s.device, dtype=torch.float32)
+    lm_sum = torch.zeros((), device=s.device, dtype=torch.float32)
+    for i in range(0, s.shape[0], chunk):
+        j = min(s.shape[0], i + chunk)
+        sc = s[i:j].float()
+        if kl_of_chunk is not None:
+            kl_sum += (kl_of_chunk(i, j, sc) * kd_w[i:j]).sum()
+        if labels is not None:
+            lm_sum += lm_chunk_loss(sc, labels[i:j])
+    return kl_sum, lm_sum
+
+
+def combine_losses(
+    kl_sum: Tensor, lm_sum: Tensor, kd_w: Tensor, kd_scale: Tensor, lm_count: Tensor,
+    beta: float, use_lm: bool,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """``(loss, mean KL, mean LM)`` from the chunked sums."""
+    kd_mean = kl_sum / kd_w.sum().clamp_min(1.0)
+    lm_mean = lm_sum / lm_count
+    loss = kd_scale * kl_sum + (1.0 - beta) * lm_mean if use_lm else kd_scale * kl_sum
+    return loss, kd_mean, lm_mean
+
+
+def chunked_grad(
+    s: Tensor,
+    chunk: int,
+    kd_grad_of_chunk: Callable[[int, int, Tensor], Tensor] | None,
+    labels: Tensor | None,
+    lm_scale: Tensor,
+    grad_loss: Tensor,
+    inplace: bool,
+) -> Tensor:
+    """The gradient of the chunked loss with respect to ``s``, chunk by chunk:
+    ``kd_grad_of_chunk(i, j, s[i:j])`` plus ``lm_scale ·`` the LM gradient.
+
+    In place, the gradient overwrites the logits' storage (no new full-size tensor);
+    safe by construction: a node that saved the logits fails loudly on their version.
+    """
+    grad = s if inplace else torch.empty_like(s)
+    g = grad_loss.float()
+    for i in range(0, s.shape[0], chunk):
+        j = min(s.shape[0], i + chunk)
+        sc = s[i:j].float()
+        out = torch.zeros_like(sc)
+        if kd_grad_of_chunk is not None:
+            out += kd_grad_of_chunk(i, j, sc)
+        if labels is not None:
+            out += lm_chunk_grad(sc, labels[i:j], lm_scale)
+        grad[i:j] = (out * g).to(grad.dtype)
+    return grad
+
+
 class _ChunkedKD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, s, t, kd_w, kd_scale, labels, lm_count, temperature, beta, chunk, inplace):  # noqa: ANN001,E501
-        n = s.shape[0]
-        kl_sum = torch.zeros((), device=s.device, dtype=torch.float32)
-        lm_sum = torch.zeros((), device=s.device, dtype=torch.float32)
         use_kd, use_lm = beta > 0, labels is not None and beta < 1
-        for i in range(0, n, chunk):
-            j = min(n, i + chunk)
-            sc = s[i:j].float()
-            if use_kd:
-                log_q = torch.log_softmax(sc / temperature, -1)
-                log_p = torch.log_softmax(t[i:j].float() / temperature, -1)
-                kl = (log_p.exp() * (log_p - log_q)).sum(-1)
-                kl_sum += (kl * kd_w[i:j]).sum()
-                del log_q, log_p
-            if use_lm:
-                lab = labels[i:j]
-                ce = torch.nn.functional.cross_entropy(sc, lab.clamp_min(0), reduction="none") * (
-                    lab >= 0
-                )
-                lm_sum += ce.sum()
-        kd_mean = kl_sum / kd_w.sum().clamp_min(1.0)
-        lm_mean = lm_sum / lm_count
-        loss = kd_scale * kl_sum + (1.0 - beta) * lm_mean if use_lm else kd_scale * kl_sum
+
+        def kl(i: int, j: int, sc: Tensor) -> Tensor:
+            log_q = torch.log_softmax(sc / temperature, -1)
+            log_p = torch.log_softmax(t[i:j].float() / temperature, -1)
+            return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+        kl_sum, lm_sum = chunked_sums(
+            s, chunk, kl if use_kd else None, kd_w, labels if use_lm else None
+        )
+        loss, kd_mean, lm_mean = combine_losses(
+            kl_sum, lm_sum, kd_w, kd_scale, lm_count, beta, use_lm
+        )
         ctx.save_for_backward(s, t, kd_w, kd_scale, labels if use_lm else None, lm_count)
-        ctx.cfg = (temperature, beta, chunk, use_kd, use_lm, inplace)
+        ctx.cfg = (temperature, beta, chunk, use_kd, inplace)
         ctx.mark_non_differentiable(kd_mean, lm_mean)
         return loss, kd_mean, lm_mean
 
     @staticmethod
     def backward(ctx, grad_loss, _g1, _g2):  # noqa: ANN001
         s, t, kd_w, kd_scale, labels, lm_count = ctx.saved_tensors
-        temperature, beta, chunk, use_kd, use_lm, inplace = ctx.cfg
-        # In place: the gradient overwrites the logits' storage (no new full-size tensor).
-        # Safe by construction: a node that saved the logits fails loudly on their version.
-        grad = s if inplace else torch.empty_like(s)
-        g = grad_loss.float()
-        for i in range(0, s.shape[0], chunk):
-            j = min(s.shape[0], i + chunk)
-            sc = s[i:j].float()
-            out = torch.zeros_like(sc)
-            if use_kd:
-                q = torch.softmax(sc / temperature, -1)
-                q -= torch.softmax(t[i:j].float() / temperature, -1)
-                # d(T²·KL)/ds = T·(q − p); kd_scale already holds β·T²/count.
-                out += q * (kd_w[i:j] * (kd_scale / temperature))[:, None]
-                del q
-            if use_lm:
-                lab = labels[i:j]
-                valid = (lab >= 0).float()
-                p = torch.softmax(sc, -1)
-                p[torch.arange(j - i, device=s.device), lab.clamp_min(0)] -= 1.0
-                out += p * (valid * ((1.0 - beta) / lm_count))[:, None]
-                del p
-            grad[i:j] = (out * g).to(grad.dtype)
+        temperature, beta, chunk, use_kd, inplace = ctx.cfg
+
+        def kd_grad(i: int, j: int, sc: Tensor) -> Tensor:
+            q = torch.softmax(sc / temperature, -1)
+            q -= torch.softmax(t[i:j].float() / temperature, -1)
+            # d(T²·KL)/ds = T·(q − p); kd_scale already holds β·T²/count.
+            return q.mul_((kd_w[i:j] * (kd_scale / temperature))[:, None])
+
+        grad = chunked_grad(
+            s, chunk, kd_grad if use_kd else None, labels, (1.0 - beta) / lm_count,
+            grad_loss, inplace,
+        )  # fmt: skip
         return grad, None, None, None, None, None, None, None, None, None
 
 
@@ -161,7 +231,8 @@ def kd_loss(
     v = student_logits.shape[-1]
     s = student_logits.reshape(-1, v)
     t = teacher_logits.detach().reshape(-1, v)
-    kd_w, kd_scale, lab, lm_count = _weights(mask, labels, s.shape[0], s.device, beta, temperature)
+    n = s.shape[0]
+    kd_w, kd_scale, lab, lm_count = token_weights(mask, labels, n, s.device, beta, temperature)
     loss, kl, lm = _ChunkedKD.apply(
         s,
         t,

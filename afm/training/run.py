@@ -4,9 +4,12 @@
 
 1. refuses an output directory that holds another run (a rerun of the same one resumes;
    one with a raised ``train.max_steps`` extends it from its last checkpoint);
-2. loads the FP teacher, samples the synthetic corpus into ``<output>/data`` (resumable)
-   and/or packs the user's corpus (``corpus.*``) into ``<output>/corpus``;
-3. distils the analog student (``afm.training.distill``, checkpoints, exact resume);
+2. loads the FP teacher, samples the synthetic corpus into ``<output>/data`` (resumable),
+   with the sparse teacher targets of ``data.targets``, and/or packs the user's corpus
+   (``corpus.*``) into ``<output>/corpus``;
+3. distils the analog student (``afm.training.distill``, checkpoints, exact resume): from
+   the cached targets when the training rows hold them (the loaded model is converted
+   into the student, no teacher copy), else from the live teacher;
 4. saves it with its tokenizer (loads with ``from_pretrained`` after ``import afm``);
 5. for models with bundled tasks (``tiny``) prints the before/after table under noise.
 """
@@ -32,6 +35,7 @@ from afm.training.progress import resolve_progress
 from afm.training.report import before_after, format_table, has_bundled_tasks
 from afm.training.run_config import ConfigError, RunConfig
 from afm.training.shards import load_synthetic_data
+from afm.training.teacher_targets import resolve_target_form, stored_forms, tokens_only
 
 __all__ = ["RunOutcome", "check_output_dir", "run_training"]
 
@@ -183,7 +187,19 @@ def _data(
     dataset = load_synthetic_data(data_dir)
     if len(dataset) == 0:
         raise DataError(f"data directory {str(data_dir)!r} is empty")
-    return dataset if corpus is None else mix_rows(corpus, dataset, cfg.corpus.mix)
+    if corpus is None:
+        return dataset
+    if stored_forms(dataset):
+        # The corpus rows have no teacher targets: a mixture trains with the live teacher.
+        logger.warning(
+            "corpus.mix=%s: the corpus rows hold no cached teacher targets, so the mixture "
+            "is distilled from the live teacher (the generated rows' %s targets are unused; "
+            "data.targets=none skips computing them)",
+            cfg.corpus.mix,
+            "/".join(stored_forms(dataset)),
+        )
+        dataset = tokens_only(dataset)
+    return mix_rows(corpus, dataset, cfg.corpus.mix)
 
 
 def _evaluate(cfg: RunConfig, teacher, student, tokenizer, dataset, pad_id: int):  # noqa: ANN001
@@ -240,6 +256,11 @@ def run_training(cfg: RunConfig, *, progress: bool | str = True) -> RunOutcome:
     tokenizer = load_tokenizer(cfg.model)
     if cfg.corpus.enabled:
         check_corpus(cfg.corpus, tokenizer)  # a bad path or column fails before any write
+        if cfg.train.kd_targets not in ("auto", "live"):
+            raise DataError(
+                f"train.kd_targets={cfg.train.kd_targets!r} with corpus.path: corpus rows hold "
+                "no cached teacher targets; use train.kd_targets=auto or live"
+            )
     acc = make_accelerator(cfg.train, out / "trackers")
     teacher = load_model(cfg.model, dtype=torch.float32)
     pad_id = _pad_id(tokenizer)
@@ -248,7 +269,17 @@ def run_training(cfg: RunConfig, *, progress: bool | str = True) -> RunOutcome:
     acc.wait_for_everyone()
     teacher.to(acc.device)
     dataset = _data(cfg, acc, teacher, tokenizer, resuming, progress)
-    student = make_student(teacher, cfg.student_chip(), convert_lm_head=cfg.head_is_analog())
+    cached = resolve_target_form(dataset, cfg.train.kd_targets)
+    # Cached targets: the loaded model becomes the student, no teacher copy is kept.
+    student = make_student(
+        teacher,
+        cfg.student_chip(),
+        copy_teacher=cached is None,
+        convert_lm_head=cfg.head_is_analog(),
+    )
+    if cached is not None:
+        logger.info("training on the cached %r teacher targets: no live teacher", cached)
+        teacher = None
     result = distill(
         teacher,
         student,
@@ -268,6 +299,8 @@ def run_training(cfg: RunConfig, *, progress: bool | str = True) -> RunOutcome:
     train_s = time.perf_counter() - t_start
     table = None
     if acc.is_main_process and cfg.eval.enabled:
+        if teacher is None:  # the before/after table compares with the FP teacher
+            teacher = load_model(cfg.model, dtype=torch.float32).to(acc.device)
         evaluation, table = _evaluate(cfg, teacher, student, tokenizer, dataset, pad_id)
         if evaluation is not None:
             (out / "eval.json").write_text(json.dumps(evaluation, indent=2))

@@ -85,9 +85,26 @@ def check_meta(out: Path, cfg: SyntheticDataConfig, model_name: str | None) -> N
         tmp.unlink(missing_ok=True)
 
 
-def write_shard(out: Path, index: int, rows: list[list[int]]) -> None:
-    from datasets import Dataset
+def write_shard(
+    out: Path,
+    index: int,
+    rows: list[list[int]],
+    targets: list[dict[str, Any]] | None = None,
+    spec: Any = None,
+) -> None:
+    """Write shard ``index``: ``input_ids`` and, with ``targets`` (one dict of per-position
+    arrays per row, :mod:`afm.training.teacher_targets`), their flat target columns."""
+    from datasets import Dataset, Features
     from datasets.utils import logging as ds_logging
+
+    columns: dict[str, Any] = {"input_ids": rows}
+    features: dict[str, Any] = dict(_features())  # the same in every shard
+    if targets is not None:
+        from afm.training.teacher_targets import target_features
+
+        features.update(target_features(spec))
+        for c in spec.columns():
+            columns[c] = [t[c].reshape(-1) for t in targets]
 
     final = out / shard_name(index)
     tmp = out / f".{shard_name(index)}.tmp-{os.getpid()}"
@@ -96,7 +113,7 @@ def write_shard(out: Path, index: int, rows: list[list[int]]) -> None:
     bars = ds_logging.is_progress_bar_enabled()
     ds_logging.disable_progress_bar()
     try:
-        Dataset.from_dict({"input_ids": rows}, features=_features()).save_to_disk(str(tmp))
+        Dataset.from_dict(columns, features=Features(features)).save_to_disk(str(tmp))
     finally:
         if bars:
             ds_logging.enable_progress_bar()
@@ -111,7 +128,7 @@ def write_shard(out: Path, index: int, rows: list[list[int]]) -> None:
 def _features() -> Any:
     from datasets import Features, List, Value
 
-    return Features({"input_ids": List(Value("int32"))})  # the same in every shard
+    return Features({"input_ids": List(Value("int32"))})
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -162,7 +179,8 @@ def data_stats(data_dir: str | Path) -> dict[str, Any]:
 
 
 def load_rows(data_dir: str | Path) -> Any:
-    """The token rows of ``data_dir`` as one ``datasets.Dataset`` (column ``input_ids``):
+    """The token rows of ``data_dir`` as one ``datasets.Dataset`` (column ``input_ids`` and
+    the cached teacher-target columns it holds, :mod:`afm.training.teacher_targets`):
     an afm shard directory (indexed or format 1), or any ``save_to_disk`` dataset (or
     dataset dict with a ``train`` split) that has an ``input_ids`` column.
 
@@ -202,7 +220,9 @@ def load_rows(data_dir: str | Path) -> Any:
         )
     if len(ds) == 0:
         raise DataError(f"data directory {str(d)!r} holds only empty shards")
-    return ds.select_columns(["input_ids"])
+    from afm.training.teacher_targets import COLUMNS  # cached teacher targets, if any
+
+    return ds.select_columns(["input_ids", *(c for c in ds.column_names if c in COLUMNS)])
 
 
 def load_synthetic_data(data_dir: str | Path, *, require_complete: bool = True) -> Any:

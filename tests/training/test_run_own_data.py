@@ -105,3 +105,28 @@ def test_a_tracker_that_is_not_installed_is_refused(monkeypatch, tmp_path):
         make_accelerator(DistillConfig(report_to=["wandb"]), tmp_path)
     with pytest.raises(ValueError, match="train.report_to=.*must be a list of tracker names"):
         DistillConfig(report_to=["tensorbored"])
+
+
+def test_a_mixture_with_cached_targets_is_distilled_from_the_live_teacher(
+    model_dir, tmp_path, caplog, capsys
+):
+    corpus = tmp_path / "my.jsonl"
+    docs = itertools.islice(tw.training_documents(), 80)
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    argv = ["--model", model_dir, *SMALL, "--preset", "ideal", "--set", "eval.enabled=false",
+            "--set", f"corpus.path={corpus}", "--set", "corpus.mix=0.5",
+            "--set", "data.num_tokens=2048", "--set", "data.sequences_per_shard=64",
+            "--set", "data.targets=top_k"]  # fmt: skip
+    caplog.set_level(logging.INFO)
+    assert train_cli.main([*argv, "--output", str(tmp_path / "mix")]) == 0
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("hold no cached teacher targets" in m for m in lines)
+    assert not any(m.startswith("training on the cached") for m in lines)
+    capsys.readouterr()
+    # asking for the cached targets explicitly is refused (the corpus rows have none)
+    rc = train_cli.main(
+        [*argv, "--output", str(tmp_path / "mix2"), "--set", "train.kd_targets=top_k"]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and "train.kd_targets='top_k' with corpus.path" in err[-1]
+    assert not (tmp_path / "mix2").exists()  # refused before anything is written

@@ -22,12 +22,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from afm.analog.experts import AnalogExperts, expert_matrix, expert_projections
 from afm.analog.layers import AnalogLinear
 from afm.analog.noise.models import NoiseModel
 from afm.analog.select import (
     check_patterns_match,
     is_adapter_name,
     is_conv1d,
+    is_experts,
     is_linear_like,
     name_matches,
     output_head_names,
@@ -66,14 +68,17 @@ def select_noise_layers(
     only_analog: bool = False,
     skip_adapters: bool = True,
 ) -> dict[str, nn.Module]:
-    """The layers ``apply_noise_`` perturbs: every ``nn.Linear`` (and GPT-2 ``Conv1D``)
-    except peft adapter layers (``lora_*``, digital in AHWA-LoRA) and, by default
+    """The layers ``apply_noise_`` perturbs: every ``nn.Linear`` (and GPT-2 ``Conv1D``) and
+    every MoE experts module (each expert's matrices on their own), except peft adapter
+    layers (``lora_*``, digital in AHWA-LoRA) and, by default
     (``skip_lm_head=None``), a digital output head: an analog head (``AnalogLinear``,
     ``afm.convert(convert_lm_head=True)``) is on the chip and gets programmed like the
     other layers (spec §7).  ``skip_lm_head=True`` / ``False`` skips / perturbs any head.
 
     ``include``/``exclude``: module names or regular expressions searched in the name
-    (``afm.analog.select.name_matches``); ``only_analog``: only ``AnalogLinear`` layers.
+    (``afm.analog.select.name_matches``); ``only_analog``: only analog modules
+    (``AnalogLinear``, ``AnalogExperts``).  MoE routers are linear layers only where the
+    family makes them ``nn.Linear``; the ``TopKRouter`` modules are digital (not perturbed).
 
     Raises:
         PatternMatchError: an include / exclude pattern matches none of the layers that
@@ -84,6 +89,10 @@ def select_noise_layers(
     heads = output_head_names(model) if skip_lm_head is not False else set()
     eligible: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
+        if is_experts(module):
+            if not only_analog or isinstance(module, AnalogExperts):
+                eligible[name] = module
+            continue
         if not is_linear_like(module):
             continue
         if only_analog and not isinstance(module, AnalogLinear):
@@ -120,6 +129,7 @@ class _Saved:
     param: nn.Parameter  # the original Parameter object
     original: Tensor | None  # CPU copy (None when untied: ``param`` itself is untouched)
     untied: bool
+    attr: str = "weight"  # the parameter's name on ``module``
 
 
 class NoiseHandle:
@@ -131,7 +141,7 @@ class NoiseHandle:
         saved: dict[str, _Saved],
         noise_model: NoiseModel,
         seed: int,
-        generators: dict[AnalogLinear, torch.Generator | None] | None = None,
+        generators: dict[nn.Module, torch.Generator | None] | None = None,
     ) -> None:
         self._saved = saved
         self.noise_model = noise_model
@@ -158,8 +168,8 @@ class NoiseHandle:
                 "with keep_originals=False"
             )
         for saved in self._saved.values():
-            if saved.untied:
-                saved.module.weight = saved.param  # re-tie: the shared Parameter is untouched
+            if saved.untied:  # re-tie: the shared Parameter is untouched
+                setattr(saved.module, saved.attr, saved.param)
             else:
                 # Through the parameter under no_grad (not .data): the version counter moves,
                 # so caches keyed on it (AnalogLinear's eval statistics) see the change.
@@ -221,6 +231,9 @@ def apply_noise_(
         uses[id(p)] = uses.get(id(p), 0) + 1
     saved: dict[str, _Saved] = {}
     for name, module in layers.items():
+        if is_experts(module):
+            saved.update(_perturb_experts(name, module, noise_model, seed, keep_originals))
+            continue
         param = module.weight
         gen = torch.Generator(device=param.device).manual_seed(layer_seed(seed, name))
         transposed = is_conv1d(module)  # Conv1D stores [K, N_out]
@@ -242,15 +255,37 @@ def apply_noise_(
     return NoiseHandle(saved, noise_model, seed, _seed_read_noise(layers, seed))
 
 
+def _perturb_experts(
+    name: str, module: nn.Module, noise_model: NoiseModel, seed: int, keep_originals: bool
+) -> dict[str, _Saved]:
+    """Each expert's matrix of each projection perturbed on its own (its own crossbar),
+    seeded by ``layer_seed(seed, "<name>.<proj>.<expert>")``; saved per fused tensor."""
+    saved = {}
+    for proj in expert_projections(module):
+        param = getattr(module, proj)
+        original = param.detach().to("cpu", copy=True) if keep_originals else None
+        for e in range(param.shape[0]):
+            w = expert_matrix(module, proj, e)
+            gen = torch.Generator(device=param.device).manual_seed(
+                layer_seed(seed, f"{name}.{proj}.{e}")
+            )
+            noisy = noise_model.perturb_weight(w.detach(), gen)
+            with torch.no_grad():  # through the parameter: its version counter moves
+                w.copy_(noisy)
+        saved[f"{name}.{proj}"] = _Saved(module, param, original, untied=False, attr=proj)
+    return saved
+
+
 def _seed_read_noise(
     layers: dict[str, nn.Module], seed: int
-) -> dict[AnalogLinear, torch.Generator | None]:
+) -> dict[nn.Module, torch.Generator | None]:
     """Seed the eval-time output noise of the programmed chip's analog layers (spec §4.1,
     ``output_noise.keep_at_eval``) from ``seed`` and the layer name, so that one seed is
     one chip read the same way every run; returns the generators to put back."""
-    previous: dict[AnalogLinear, torch.Generator | None] = {}
+    previous: dict[nn.Module, torch.Generator | None] = {}
     for name, module in layers.items():
-        if isinstance(module, AnalogLinear) and module.analog_config.output_noise.keep_at_eval:
+        analog = isinstance(module, (AnalogLinear, AnalogExperts))
+        if analog and module.analog_config.output_noise.keep_at_eval:
             previous[module] = module.noise_generator
             gen = torch.Generator().manual_seed(derive_seed("afm-read-noise", seed, name))
             module.noise_generator = gen
