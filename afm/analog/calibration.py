@@ -22,20 +22,69 @@ from afm.reference import init_range_update
 logger = logging.getLogger(__name__)
 
 
+def _as_batches(batches: Any, tokenizer: Any, batch_size: int) -> Iterable[Any]:
+    """What users have, as an iterable of batches: one ``BatchEncoding`` / dict or one
+    tensor is a single batch; texts are tokenized (``tokenizer`` required)."""
+    if isinstance(batches, (Mapping, torch.Tensor)):
+        return [batches]
+    if isinstance(batches, str):
+        batches = [batches]
+    if isinstance(batches, (list, tuple)) and batches and isinstance(batches[0], str):
+        if tokenizer is None:
+            raise ValueError("calibrate_input_ranges_: texts need tokenizer=")
+        return _text_batches(list(batches), tokenizer, batch_size=batch_size)
+    return batches
+
+
+def _forward(model: nn.Module, batch: Any, device: torch.device) -> None:
+    """One forward on a batch: a mapping of model kwargs, a tensor (the first positional
+    argument), or a DataLoader's ``(input_ids, ...)`` tuple."""
+    if isinstance(batch, Mapping):
+        inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        inputs.pop("labels", None)
+        model(**inputs)
+        return
+    if isinstance(batch, (list, tuple)) and batch and torch.is_tensor(batch[0]):
+        batch = batch[0]
+    if not torch.is_tensor(batch):
+        raise TypeError(
+            f"calibrate_input_ranges_: a batch must be a mapping of model inputs, a tensor "
+            f"of input ids or a tuple starting with one, got {type(batch).__name__}"
+        )
+    model(batch.to(device))
+
+
+def _total(batches: Any, steps: int) -> int:
+    try:
+        return min(steps, len(batches))
+    except TypeError:  # a generator: unknown length
+        return steps
+
+
 @torch.no_grad()
 def calibrate_input_ranges_(
-    model: nn.Module, batches: Iterable[Any], *, max_steps: int | None = None, progress: bool = True
+    model: nn.Module,
+    batches: Any,
+    *,
+    max_steps: int | None = None,
+    progress: bool = True,
+    tokenizer: Any = None,
+    batch_size: int = 16,
 ) -> int:
     """Set every analog layer's ``input_range`` from the data, in place.
 
     For the first ``init_steps`` batches (the layer config's, or ``max_steps``)
     ``r ← |(r·k + α·std(x_tile)) / (k + 1)|``.  Each layer clips and quantizes with
     its updated range, so downstream layers see the inputs they will see in training.
+    ``batches``: an iterable of batches (dicts of model kwargs such as ``input_ids`` /
+    ``attention_mask``, tensors of ids, or ``(input_ids, ...)`` tuples: a DataLoader);
+    one ``BatchEncoding`` (or dict, or tensor) as a single batch; or a list of strings
+    with ``tokenizer`` (tokenized in batches of ``batch_size``).  The progress bar's
+    total is the number of batches that will really be used.  Returns that number.
     MoE experts (``AnalogExperts``): each expert's ranges from the tokens routed to it
     only, ``k`` counting the batches in which it received tokens.
-    Batches are dicts of model kwargs (``input_ids``, ``attention_mask``...) or tensors.
-    Returns the number of batches used.
     """
+    batches = _as_batches(batches, tokenizer, batch_size)
     layers = [
         m
         for m in model.modules()
@@ -87,22 +136,16 @@ def calibrate_input_ranges_(
     used = 0
     try:
         device = next(model.parameters()).device
-        for batch in tqdm(
-            batches, total=steps, desc="calibrating input ranges", disable=not progress
-        ):
-            if used >= steps:
-                break
-            if isinstance(batch, Mapping):
-                model(
-                    **{
-                        k: v.to(device) if torch.is_tensor(v) else v
-                        for k, v in batch.items()
-                        if k != "labels"
-                    }
-                )
-            else:
-                model(batch.to(device))
-            used += 1
+        bar = tqdm(
+            total=_total(batches, steps), desc="calibrating input ranges", disable=not progress
+        )
+        with bar:
+            for batch in batches:
+                if used >= steps:
+                    break
+                _forward(model, batch, device)
+                used += 1
+                bar.update(1)
     finally:
         for h in handles:
             h.remove()
@@ -133,25 +176,44 @@ def calibrate_on_texts(
     texts = list(texts)
     if not texts:
         raise ValueError("no calibration texts given")
-    device = next(model.parameters()).device
+    batches = _text_batches(
+        texts, tokenizer, batch_size=batch_size, max_length=max_length, padding_side=padding_side
+    )
+    return calibrate_input_ranges_(model, batches, max_steps=max_steps, progress=progress)
 
-    def batches() -> Iterator[dict[str, torch.Tensor]]:
-        old = tokenizer.padding_side
-        if padding_side is not None:
-            tokenizer.padding_side = padding_side
+
+class _text_batches:  # noqa: N801 - used like a function; a class to have a len()
+    """``texts`` tokenized in batches of ``batch_size`` (``input_ids``, ``attention_mask``)."""
+
+    def __init__(
+        self,
+        texts: list[str],
+        tokenizer: Any,
+        *,
+        batch_size: int,
+        max_length: int | None = None,
+        padding_side: str | None = None,
+    ) -> None:
+        self.texts, self.tokenizer, self.batch_size = texts, tokenizer, batch_size
+        self.max_length, self.padding_side = max_length, padding_side
+
+    def __len__(self) -> int:
+        return -(-len(self.texts) // self.batch_size)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        tok = self.tokenizer
+        old = tok.padding_side
+        if self.padding_side is not None:
+            tok.padding_side = self.padding_side
         try:
-            for i in range(0, len(texts), batch_size):
-                enc = tokenizer(
-                    texts[i : i + batch_size],
+            for i in range(0, len(self.texts), self.batch_size):
+                enc = tok(
+                    self.texts[i : i + self.batch_size],
                     return_tensors="pt",
                     padding=True,
-                    truncation=max_length is not None,
-                    max_length=max_length,
+                    truncation=self.max_length is not None,
+                    max_length=self.max_length,
                 )
-                yield {
-                    k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")
-                }
+                yield {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask")}
         finally:
-            tokenizer.padding_side = old
-
-    return calibrate_input_ranges_(model, batches(), max_steps=max_steps, progress=progress)
+            tok.padding_side = old

@@ -23,11 +23,12 @@ is ``afm.evaluate.command.run_eval_request``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
-import os
 import shlex
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 
 from afm.cli.common import cli_main, make_parser
 
@@ -115,19 +116,55 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--out", default="eval/results", help="output directory")
     o.add_argument("--name", help="file stem (default: the mode)")
     o.add_argument("--title", help="table / plot title")
-    o.add_argument("--quiet", action="store_true", help="no progress bars, no table on stdout")
+    o.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress bars, no warnings (lm-eval's included), no table on stdout",
+    )
     return p
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """No progress bars and no library warnings for the duration: errors only.
+
+    ``TQDM_DISABLE`` is read when tqdm is imported (already done) and loses to the
+    explicit ``disable=False`` lm-eval passes, so every tqdm bar is switched off at its
+    constructor instead (restored on exit); lm-eval's, transformers' and datasets'
+    loggers go to ERROR and Python warnings are ignored."""
+    import tqdm.std
+
+    cls = tqdm.std.tqdm
+    original = cls.__dict__["__init__"]
+
+    def silent_init(self, *a, **kw) -> None:  # noqa: ANN001, ANN002, ANN003
+        kw["disable"] = True
+        original.__get__(self, type(self))(*a, **kw)
+
+    names = ("lm_eval", "lm-eval", "transformers", "datasets", "accelerate", "afm")
+    levels = {n: logging.getLogger(n).level for n in names}
+    cls.__init__ = silent_init
+    try:
+        for n in names:
+            logging.getLogger(n).setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        cls.__init__ = original
+        for n, level in levels.items():
+            logging.getLogger(n).setLevel(level)
 
 
 def _run(args: argparse.Namespace) -> int:
     from afm.evaluate.command import EvalRequest, run_eval_request
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if args.quiet:
-        os.environ.setdefault("TQDM_DISABLE", "1")
     fields = {k: v for k, v in vars(args).items() if k != "model"}
     command = " ".join([PROG] + [shlex.quote(a) for a in sys.argv[1:]])
-    report, paths = run_eval_request(EvalRequest(models=args.model, command=command, **fields))
+    request = EvalRequest(models=args.model, command=command, **fields)
+    with _quiet() if args.quiet else contextlib.nullcontext():
+        report, paths = run_eval_request(request)
     if not args.quiet:
         print(report.to_markdown())
     for kind, path in paths.items():

@@ -10,17 +10,23 @@ The output directory receives the final model (loads with
 ``AutoModelForCausalLM.from_pretrained`` after ``import afm``), its tokenizer,
 ``run_config.json`` / ``run_config.yaml`` (the resolved config), ``data/`` (the
 synthetic shards), ``checkpoints/``, ``log.jsonl`` and ``eval.json``.  Running
-the same command again resumes an interrupted run; a directory that holds a
-different run is refused.
+the same command again resumes an interrupted run; with a raised
+``--set train.max_steps=N`` it extends a finished one from its last checkpoint; a
+directory that holds a different run is refused.
+
+Your own corpus instead of (or mixed with) teacher-generated data:
+``--set corpus.path=my.jsonl`` (``corpus.mix=0.5`` for half and half).
+Progress: ``--progress auto`` (default) draws a bar on a TTY and logs a line every
+``train.logging_steps`` steps elsewhere (nohup, Slurm, CI); ``bar``, ``log``, ``none``.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from afm.cli.common import cli_main, make_parser, setup_logging
+from afm.training.progress import PROGRESS_MODES
 
 PROG = "afm-train"
 
@@ -34,7 +40,13 @@ def _parser():  # noqa: ANN202
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override one key"
     )
     p.add_argument("--output", help="output directory")
-    p.add_argument("--quiet", action="store_true", help="warnings only")
+    p.add_argument(
+        "--progress",
+        choices=PROGRESS_MODES,
+        default="auto",
+        help="auto: a bar on a TTY, else a log line every train.logging_steps; bar; log; none",
+    )
+    p.add_argument("--quiet", action="store_true", help="warnings only (implies --progress none)")
     return p
 
 
@@ -46,8 +58,7 @@ def _run(args: argparse.Namespace) -> int:
     cfg = build_run_config(
         args.model, args.output, preset=args.preset, config_file=args.config, sets=args.set
     )
-    progress = not args.quiet and sys.stderr.isatty() or bool(os.environ.get("AFM_PROGRESS"))
-    outcome = run_training(cfg, progress=progress)
+    outcome = run_training(cfg, progress="none" if args.quiet else args.progress)
     summary = outcome.summary
     if not outcome.main_process:
         return 0

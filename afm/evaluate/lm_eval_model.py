@@ -40,6 +40,18 @@ from afm.evaluate.specs import ModelSpec, as_bool
 __all__ = ["AfmLM"]
 
 
+def _check_device(device: str | None) -> None:
+    """A CUDA device without CUDA is an error, not a silent fall-back to the CPU (lm-eval's
+    CLI defaults ``--device`` to ``cuda:0``)."""
+    import torch
+
+    if device and str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(
+            f"device={device!r} but torch has no CUDA device here: pass --device cpu "
+            "(lm-eval's CLI defaults to cuda:0)"
+        )
+
+
 @register_model("afm")
 class AfmLM(HFLM):
     """lm-eval's ``HFLM`` on a (possibly analog, possibly noisy) afm model."""
@@ -63,6 +75,7 @@ class AfmLM(HFLM):
         **kwargs: Any,
     ) -> None:
         self._noise_handle: NoiseHandle | None = None
+        _check_device(device)
         if isinstance(pretrained, str):
             spec = ModelSpec(
                 pretrained,

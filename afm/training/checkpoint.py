@@ -15,6 +15,8 @@ DCP pickles its index, and with per-rank key sets — a small parameter such as 
 input range lives on one rank only — its loader mistakes the checkpoint for an old
 format and fails or, for an optimizer without state yet, silently restores nothing.)
 The price is host memory on the main process for the full fp32 state.
+FSDP2 (``fully_shard``): the same consolidated files, gathered parameter by parameter
+(:mod:`afm.training.fsdp2`); on resume every rank re-shards them.
 DeepSpeed: the engine's ``accelerator.save_state`` writes ``engine/`` (accelerate's
 RNG pickle is deleted; the RNG lives in ``rng-rank{r}.safetensors``).
 """
@@ -33,6 +35,12 @@ from torch import nn
 
 from afm.analog.hf import AfmQuantizationConfig
 from afm.training.engines import fsdp_full_state_dict_type
+from afm.training.fsdp2 import (
+    full_optimizer_state,
+    full_state,
+    shard_optimizer_state,
+    shard_state,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -155,6 +163,12 @@ def save_checkpoint(
         # accelerate pickles the RNG states; ours are in rng-rank*.safetensors (and
         # load_state tolerates the missing file), so drop the pickle.
         (tmp / "engine" / f"random_states_{accelerator.process_index}.pkl").unlink(missing_ok=True)
+    elif getattr(accelerator, "is_fsdp2", False):
+        model_sd = full_state(model)  # collective: every rank gathers, the main one writes
+        optim_sd = full_optimizer_state(getattr(optimizer, "optimizer", optimizer))
+        if accelerator.is_main_process:
+            save_file(model_sd, str(tmp / "model.safetensors"))
+            _save_optimizer(optim_sd, tmp)
     elif accelerator.distributed_type == DistributedType.FSDP:
         model_sd, optim_sd = _fsdp_full_state(accelerator, model, optimizer)  # collective
         if accelerator.is_main_process:
@@ -200,6 +214,10 @@ def load_checkpoint(
     inner = getattr(optimizer, "optimizer", optimizer)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         accelerator.load_state(str(ckpt / "engine"))
+    elif getattr(accelerator, "is_fsdp2", False):
+        # Every rank reads the full files and keeps its shards (same order everywhere).
+        model.load_state_dict(shard_state(model, load_file(str(ckpt / "model.safetensors"))))
+        inner.load_state_dict(shard_optimizer_state(inner, _load_optimizer(ckpt)))
     elif accelerator.distributed_type == DistributedType.FSDP:
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 

@@ -34,6 +34,7 @@ from afm.training.shards import (
     complete_shards,
     data_stats,
     shard_name,
+    write_index,
     write_shard,
 )
 from afm.training.teacher_targets import (
@@ -420,6 +421,7 @@ def generate_synthetic_data(
         tmp = out / f".{STATS}.tmp-{os.getpid()}"
         tmp.write_text(json.dumps(stats, indent=2))
         os.replace(tmp, out / STATS)
+        write_index(out)  # datasets.load_from_disk(out) / load_dataset(out) read it
     return stats
 
 

@@ -22,6 +22,7 @@ rebuilt on the main process from the fp32 masters — save that one.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
@@ -44,16 +45,17 @@ from afm.training.checkpoint import (
     prune_checkpoints,
     save_checkpoint,
 )
-from afm.training.distill_config import TEACHER_DTYPES, DistillConfig
+from afm.training.distill_config import NOT_IN_FINGERPRINT, TEACHER_DTYPES, DistillConfig
 from afm.training.engines import (
     clip_after_step,
+    describe,
     full_parameters,
     make_accelerator,
     needs_gathered_copy,
     rebuild,
     skeleton,
 )
-from afm.training.progress import TrainLog
+from afm.training.progress import TrainLog, resolve_progress
 from afm.training.step import Stepper
 from afm.training.teacher_targets import CachedTargets, resolve_target_form, tokens_only
 
@@ -194,6 +196,49 @@ def _optimizer_and_schedule(student: nn.Module, cfg: DistillConfig, world: int, 
     return optimizer, scheduler
 
 
+def _same_settings(saved: dict[str, Any], current: dict[str, Any]) -> bool:
+    """Fingerprints equal up to the keys a resumed run may change (checkpoints written
+    before a key moved to ``NOT_IN_FINGERPRINT`` still carry it)."""
+
+    def strip(d: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in d.items() if k not in NOT_IN_FINGERPRINT}
+
+    return strip(saved) == strip(current)
+
+
+def _resume(acc: Any, model, optimizer, scheduler, ckpt: Path, fingerprint, total: int):  # noqa: ANN001
+    """Load ``ckpt``; a raised ``max_steps`` continues on the new total's schedule."""
+    state = load_checkpoint(acc, model, optimizer, scheduler, ckpt)
+    if not _same_settings(state["fingerprint"], fingerprint):
+        raise RuntimeError(
+            f"checkpoint {ckpt} belongs to a run with different settings; "
+            "use another output directory"
+        )
+    if state["step"] > total:
+        raise ValueError(
+            f"train.max_steps={total} is below the checkpoint's step {state['step']} "
+            f"({ckpt}): a run can be extended, not shortened"
+        )
+    if state.get("total_steps", total) != total:
+        # The lambdas of the schedule are rebuilt for the new total; the optimizer still
+        # holds the old schedule's lr for this step: put the new schedule's there too.
+        inner = getattr(optimizer, "optimizer", optimizer)
+        lrs = [
+            base * lam(state["step"])
+            for base, lam in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)
+        ]
+        for group, lr in zip(inner.param_groups, lrs, strict=True):
+            group["lr"] = lr
+        scheduler._last_lr = lrs  # noqa: SLF001 - what get_last_lr() reports
+        logger.info(
+            "extending the run from %d to %d steps: lr schedule of the new total, at step %d",
+            state["total_steps"],
+            total,
+            state["step"],
+        )
+    return state
+
+
 def _finished_student(acc: Any, model: nn.Module, shell: nn.Module | None, cfg: DistillConfig):
     """The whole trained student (main process), in eval mode."""
     acc.wait_for_everyone()
@@ -244,13 +289,16 @@ def distill(
     accelerator: Any = None,
     resume: bool = True,
     max_steps_this_run: int | None = None,
-    progress: bool = True,
+    progress: bool | str = True,
 ) -> DistillResult:
     """Distil ``teacher`` into the analog ``student`` on ``dataset`` (rows of ``input_ids``).
 
     Checkpoints go to ``output_dir/checkpoints``; with ``resume`` the latest one is
     loaded first (same config and dataset size required) and the run continues the
-    same trajectory.  ``max_steps_this_run`` stops early (time-sliced jobs, tests).
+    same trajectory; a raised ``config.max_steps`` extends a finished run from its last
+    checkpoint on the schedule of the new total.  ``max_steps_this_run`` stops early
+    (time-sliced jobs, tests).  ``progress``: ``"auto"`` (True; a bar on a TTY, else a
+    log line every ``logging_steps``), ``"bar"``, ``"log"`` or ``"none"`` (False).
     The student is trained in place (single device, DDP); under FSDP / DeepSpeed use
     ``result.model``, the whole fp32 student gathered onto the main process.  Either
     way ``result.model`` is the one to save with :func:`save_student`.
@@ -263,12 +311,18 @@ def distill(
         raise ValueError("the student has no AnalogLinear layers: use make_student / afm.convert")
     targets = _cached_targets(dataset, cfg, teacher)
     dataset = tokens_only(dataset)
-    acc = accelerator if accelerator is not None else make_accelerator(cfg)
-    if getattr(acc, "is_fsdp2", False):
+    acc = (
+        accelerator
+        if accelerator is not None
+        else make_accelerator(cfg, Path(output_dir) / "trackers")
+    )
+    if cfg.report_to and not acc.log_with:
         raise ValueError(
-            "FSDP2 (fsdp_version: 2) is not supported: clipping and checkpoints use FSDP v1 "
-            "APIs; set fsdp_version: 1 (configs/accelerate/fsdp-multinode.yaml)"
+            "train.report_to is set but the accelerator has no trackers: make it with "
+            "afm.training.engines.make_accelerator(config, project_dir)"
         )
+    if acc.is_main_process:
+        logger.info("distilling on %s", describe(acc))
     rank, world = acc.process_index, acc.num_processes
     out = Path(output_dir)
     ckpt_root = out / "checkpoints"
@@ -288,7 +342,8 @@ def distill(
     checkpoints = list_checkpoints(ckpt_root) if resume else []
     ckpt = checkpoints[-1] if checkpoints else None
     if ckpt is None:
-        _calibrate(student, order, cfg, pad_id, progress and acc.is_main_process)
+        bar = resolve_progress(progress) == "bar" and acc.is_main_process
+        _calibrate(student, order, cfg, pad_id, bar)
     optimizer, scheduler = _optimizer_and_schedule(student, cfg, world, total)
     shell = skeleton(student) if needs_gathered_copy(acc) else None
     model, optimizer = acc.prepare(student, optimizer)
@@ -296,12 +351,7 @@ def distill(
 
     start, skipped, resumed_from = 0, 0, None
     if ckpt is not None:
-        state = load_checkpoint(acc, model, optimizer, scheduler, ckpt)
-        if state["fingerprint"] != fingerprint:
-            raise RuntimeError(
-                f"checkpoint {ckpt} belongs to a run with different settings; "
-                "use another output directory"
-            )
+        state = _resume(acc, model, optimizer, scheduler, ckpt, fingerprint, total)
         start, skipped, resumed_from = state["step"], state["skipped_steps"], state["step"]
         logger.info("resumed from %s (step %d)", ckpt, start)
     else:
@@ -312,6 +362,8 @@ def distill(
         acc, model, teacher if targets is None else None, optimizer, order, cfg, pad_id, clip_fn,
         targets,
     )  # fmt: skip
+    if cfg.report_to:
+        acc.init_trackers("afm-train", config=_hparams(cfg))
     log = TrainLog(
         out,
         start=start,
@@ -321,6 +373,7 @@ def distill(
         logging_steps=cfg.logging_steps,
         main_process=acc.is_main_process,
         progress=progress,
+        accelerator=acc,
     )
     try:
         for step in range(start, end):
@@ -328,7 +381,8 @@ def distill(
             scheduler.step()
             log.record(step, outcome, scheduler.get_last_lr()[0], acc)
             done = step + 1
-            if cfg.save_steps and (done % cfg.save_steps == 0 or done == end) and done < total:
+            # The last step is saved too: a finished run can be extended (max_steps raised).
+            if cfg.save_steps and (done % cfg.save_steps == 0 or done == end):
                 state = {
                     "step": done,
                     "skipped_steps": log.skipped,
@@ -341,6 +395,8 @@ def distill(
                     prune_checkpoints(ckpt_root, cfg.save_total_limit)
     finally:
         log.close()
+        if cfg.report_to:
+            acc.end_training()
         if clip_handle is not None:
             clip_handle.remove()
     return DistillResult(
@@ -351,6 +407,13 @@ def distill(
         log=log.rows,
         model=_finished_student(acc, model, shell, cfg),
     )
+
+
+def _hparams(cfg: DistillConfig) -> dict[str, Any]:
+    """The scalar settings, as trackers accept them (TensorBoard takes no lists)."""
+    return {
+        k: v for k, v in dataclasses.asdict(cfg).items() if isinstance(v, (int, float, str, bool))
+    }
 
 
 def save_student(student: nn.Module, out_dir: str | Path) -> Path:

@@ -3,17 +3,29 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from afm.validation import check_choice, check_int, fail
 
-__all__ = ["KD_TARGETS", "MIXED_PRECISION", "TEACHER_DTYPES", "DistillConfig"]
+__all__ = [
+    "KD_TARGETS",
+    "MIXED_PRECISION",
+    "NOT_IN_FINGERPRINT",
+    "TEACHER_DTYPES",
+    "TRACKERS",
+    "DistillConfig",
+]
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
 KD_TARGETS = ("auto", "live", "top_k", "sampled")
+# accelerate's tracker names (accelerate.utils.LoggerType) that train.report_to accepts.
+TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab")
+# Keys a resumed run may change: the saving / logging cadence, the trackers, and
+# max_steps (raised to extend a run; the schedule follows the new total).
+NOT_IN_FINGERPRINT = ("save_steps", "save_total_limit", "logging_steps", "report_to", "max_steps")
 TEACHER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -61,6 +73,10 @@ class DistillConfig:
     save_steps: int | None = 500
     save_total_limit: int | None = 2
     logging_steps: int = 10
+    """Write a ``log.jsonl`` row (and, off a TTY, a log line) every this many steps."""
+    report_to: list[str] = field(default_factory=list)
+    """Experiment trackers through accelerate (``tensorboard``, ``wandb``, ...); their
+    files go to ``<output>/trackers``."""
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -96,11 +112,13 @@ class DistillConfig:
         if self.teacher_dtype is not None and self.teacher_dtype not in TEACHER_DTYPES:
             bad("teacher_dtype", f"must be one of {sorted(TEACHER_DTYPES)} or None")
         check_int("train", "seed", self.seed)
+        if not isinstance(self.report_to, list) or any(t not in TRACKERS for t in self.report_to):
+            bad("report_to", f"must be a list of tracker names from {', '.join(TRACKERS)}")
 
     def fingerprint(self, dataset_size: int) -> dict[str, Any]:
         """What a resumed run must share with the checkpoint (not the saving cadence)."""
         d = dataclasses.asdict(self)
-        for k in ("save_steps", "save_total_limit", "logging_steps"):
+        for k in NOT_IN_FINGERPRINT:
             d.pop(k)
         d["dataset_size"] = dataset_size
         return d

@@ -1,6 +1,9 @@
 """The distributed engines under the trainer: accelerate, DDP, FSDP (v1), DeepSpeed ZeRO.
 
-* :func:`make_accelerator` — the ``Accelerator`` for a run (gloo DDP on CPUs);
+* :func:`make_accelerator` — the ``Accelerator`` for a run (gloo DDP on CPUs), with the
+  ``train.report_to`` trackers (refused when not installed: accelerate drops them
+  silently); :func:`check_launch` refuses a launch that asked for several processes
+  and runs one; :func:`describe` is the start-up line (world size, device, backend);
 * :func:`clip_after_step` — weight clipping on the parameters the optimizer really
   updates (no engine source is patched):
 
@@ -9,6 +12,7 @@
     and the hook only fires when a step really ran (not on fp16 overflow skips);
   - FSDP (v1): after the step, ``FSDP.summon_full_params(writeback=True)`` and clip
     full rows (a shard may split a row);
+  - FSDP2 (``fully_shard``): on the sharded fp32 parameters (:mod:`afm.training.fsdp2`);
   - DeepSpeed ZeRO 1/2/3: after the engine's step, ``deepspeed.utils.
     safe_get_full_fp32_param`` → clip → ``safe_set_full_fp32_param`` on the master
     copy, then the low-precision copy is refreshed from it;
@@ -23,6 +27,8 @@
 from __future__ import annotations
 
 import copy
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,9 +39,12 @@ from afm.analog.experts import AnalogExperts
 from afm.analog.layers import analog_layers
 from afm.config import ClipKind
 from afm.reference import clip_weight_
+from afm.training.fsdp2 import clip_sharded_
 
 __all__ = [
+    "check_launch",
     "clip_after_step",
+    "describe",
     "fsdp_full_state_dict_type",
     "full_parameters",
     "make_accelerator",
@@ -93,6 +102,13 @@ def full_parameters(accelerator: Any, model: nn.Module) -> dict[str, torch.Tenso
     from accelerate.utils import DistributedType
 
     dt = accelerator.distributed_type
+    if getattr(accelerator, "is_fsdp2", False):
+        gathered: dict[str, torch.Tensor] = {}
+        for name, p in accelerator.unwrap_model(model).named_parameters():
+            full = p.full_tensor() if hasattr(p, "full_tensor") else p  # collective
+            if accelerator.is_main_process:  # the other ranks drop it at once
+                gathered[name] = full.detach().cpu()
+        return gathered
     if dt == DistributedType.FSDP:
         with fsdp_full_state_dict_type(accelerator, model, rank0_only=True):
             state = model.state_dict()
@@ -115,14 +131,67 @@ def full_parameters(accelerator: Any, model: nn.Module) -> dict[str, torch.Tenso
     return {n: p.detach() for n, p in unwrapped.named_parameters()}
 
 
-def make_accelerator(cfg: Any) -> Any:
-    """The ``Accelerator`` for a ``DistillConfig`` (gloo DDP when launched on CPUs)."""
+def _check_trackers(names: list[str]) -> None:
+    from accelerate.tracking import get_available_trackers
+
+    available = {str(t) for t in get_available_trackers()}
+    for name in names:
+        if name not in available:
+            hint = (
+                "pip install 'afm[tensorboard]'" if name == "tensorboard" else f"pip install {name}"
+            )
+            raise ImportError(f"train.report_to: tracker {name!r} is not installed ({hint})")
+
+
+def make_accelerator(cfg: Any, project_dir: str | Path | None = None) -> Any:
+    """The ``Accelerator`` for a ``DistillConfig`` (gloo DDP when launched on CPUs);
+    ``cfg.report_to`` trackers write under ``project_dir`` (required with trackers)."""
     from accelerate import Accelerator
 
-    return Accelerator(
+    trackers = list(getattr(cfg, "report_to", []) or [])
+    if trackers:
+        _check_trackers(trackers)
+        if project_dir is None:
+            raise ValueError("train.report_to needs a tracker directory (project_dir)")
+    accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.grad_accum_steps,
         cpu=not torch.cuda.is_available(),  # under torchrun on CPU: gloo DDP
+        log_with=trackers or None,
+        project_dir=str(project_dir) if project_dir is not None else None,
+    )
+    check_launch(accelerator)
+    return accelerator
+
+
+def check_launch(accelerator: Any) -> None:
+    """Refuse ``accelerate launch --cpu --num_processes N`` (N > 1): accelerate's simple
+    launcher then starts ONE process (it sets ``MASTER_ADDR`` but no ``WORLD_SIZE``), and
+    the run would silently train on one rank."""
+    if (
+        accelerator.num_processes == 1
+        and os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("true", "1")
+        and os.environ.get("MASTER_ADDR")
+        and "WORLD_SIZE" not in os.environ
+    ):
+        raise ValueError(
+            "accelerate launch --cpu --num_processes N started one process, not N "
+            "(accelerate's CPU launcher does not spawn ranks); for N CPU ranks run "
+            "torchrun --nproc_per_node N -m afm.cli.train ... (gloo)"
+        )
+
+
+def describe(accelerator: Any) -> str:
+    """World size, device, engine, collective backend and precision, in one line."""
+    backend = "none"
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        backend = str(torch.distributed.get_backend())
+    engine = str(accelerator.distributed_type).split(".")[-1]
+    if getattr(accelerator, "is_fsdp2", False):
+        engine += " (fsdp_version 2)"
+    return (
+        f"{accelerator.num_processes} process(es), device {accelerator.device}, engine "
+        f"{engine}, backend {backend}, mixed precision {accelerator.mixed_precision}"
     )
 
 
@@ -222,6 +291,8 @@ def clip_after_step(accelerator: Any, model: nn.Module, optimizer: Any) -> tuple
                     _refresh_forward_copy(weight, master)
 
         return clip_ds, None
+    if getattr(accelerator, "is_fsdp2", False):
+        return lambda: clip_sharded_(unwrapped), None
     if dt == DistributedType.FSDP:
 
         def clip_fsdp() -> None:

@@ -1,16 +1,37 @@
-"""What a distillation run reports while it trains: the progress bar and ``log.jsonl``."""
+"""What a distillation run reports while it trains: a progress bar on a TTY or a log
+line every ``logging_steps`` off one (``progress``: ``auto`` / ``bar`` / ``log`` /
+``none``), ``log.jsonl``, and the ``train.report_to`` trackers (accelerate's)."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from afm.training.step import StepOutcome
 
-__all__ = ["TrainLog"]
+__all__ = ["PROGRESS_MODES", "TrainLog", "resolve_progress"]
+
+PROGRESS_MODES = ("auto", "bar", "log", "none")
+
+
+def resolve_progress(progress: bool | str) -> str:
+    """``"bar"``, ``"log"`` or ``"none"``: ``auto`` (or True) is a bar on a TTY and log
+    lines elsewhere (nohup, Slurm, CI); False is ``none``."""
+    if progress is True:
+        progress = "auto"
+    elif progress is False:
+        progress = "none"
+    if progress not in PROGRESS_MODES:
+        raise ValueError(f"progress={progress!r} is invalid: must be one of {PROGRESS_MODES}")
+    if progress == "auto":
+        return "bar" if sys.stderr.isatty() else "log"
+    return progress
+
 
 logger = logging.getLogger(__name__)
 
@@ -29,23 +50,27 @@ class TrainLog:
         skipped: int,
         logging_steps: int,
         main_process: bool,
-        progress: bool,
+        progress: bool | str,
+        accelerator: Any = None,
     ) -> None:
         from tqdm.auto import tqdm
 
         self.path = out / "log.jsonl"
-        self.out, self.end, self.logging_steps = out, end, logging_steps
+        self.out, self.start, self.end, self.logging_steps = out, start, end, logging_steps
         self.main_process = main_process
+        self.mode = resolve_progress(progress) if main_process else "none"
+        self.trackers = accelerator if accelerator is not None and accelerator.trackers else None
         self.skipped = skipped
         self.last_loss: float | None = None
         self.rows: list[dict[str, Any]] = []
-        self._t_last, self._tokens = time.perf_counter(), 0
+        self._t0 = self._t_last = time.perf_counter()
+        self._tokens = 0
         self.bar = tqdm(
             total=total,
             initial=start,
             desc="distilling",
             unit="step",
-            disable=not progress or not main_process,
+            disable=self.mode != "bar",
         )
 
     def record(self, step: int, outcome: StepOutcome, lr: float, accelerator: Any) -> None:
@@ -83,10 +108,30 @@ class TrainLog:
         self.rows.append(row)
         loss = self.last_loss
         self.bar.set_postfix(loss=f"{loss:.4f}" if loss is not None else "nan")
+        if self.mode == "log":
+            self._log_line(row, now)
+        if self.trackers is not None:
+            scalars = {f"train/{k}": v for k, v in row.items() if k != "step" and v is not None}
+            self.trackers.log(scalars, step=done)
         if self.main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a") as f:
                 f.write(json.dumps(row) + "\n")
+
+    def _log_line(self, row: dict[str, Any], now: float) -> None:
+        done = row["step"]
+        per_step = (now - self._t0) / max(done - self.start, 1)
+        eta = datetime.timedelta(seconds=round(per_step * (self.end - done)))
+        loss = "nan" if row["loss"] is None else f"{row['loss']:.4f}"
+        logger.info(
+            "step %d/%d  loss %s  lr %.3g  %.0f tokens/s  ETA %s",
+            done,
+            self.end,
+            loss,
+            row["lr"],
+            row["tokens_per_s"],
+            eta,
+        )
 
     def close(self) -> None:
         self.bar.close()

@@ -2,12 +2,14 @@
 
 :func:`run_training` takes a resolved :class:`~afm.training.run_config.RunConfig` and
 
-1. refuses an output directory that holds another run (a rerun of the same one resumes);
+1. refuses an output directory that holds another run (a rerun of the same one resumes;
+   one with a raised ``train.max_steps`` extends it from its last checkpoint);
 2. loads the FP teacher, samples the synthetic corpus into ``<output>/data`` (resumable),
-   with the sparse teacher targets of ``data.targets``;
+   with the sparse teacher targets of ``data.targets``, and/or packs the user's corpus
+   (``corpus.*``) into ``<output>/corpus``;
 3. distils the analog student (``afm.training.distill``, checkpoints, exact resume): from
-   the cached targets when the shards hold them (the loaded model is converted into the
-   student, no teacher copy), else from the live teacher;
+   the cached targets when the training rows hold them (the loaded model is converted
+   into the student, no teacher copy), else from the live teacher;
 4. saves it with its tokenizer (loads with ``from_pretrained`` after ``import afm``);
 5. for models with bundled tasks (``tiny``) prints the before/after table under noise.
 """
@@ -25,13 +27,15 @@ import torch
 
 from afm.models import load_model, load_tokenizer, resolve_model
 from afm.training.batches import BatchOrder
+from afm.training.corpus import check_corpus, load_corpus, mix_rows, prepare_corpus
 from afm.training.data import DataError, generate_synthetic_data
 from afm.training.distill import DistillResult, distill, make_student, save_student
 from afm.training.engines import make_accelerator
+from afm.training.progress import resolve_progress
 from afm.training.report import before_after, format_table, has_bundled_tasks
 from afm.training.run_config import ConfigError, RunConfig
 from afm.training.shards import load_synthetic_data
-from afm.training.teacher_targets import resolve_target_form
+from afm.training.teacher_targets import resolve_target_form, stored_forms, tokens_only
 
 __all__ = ["RunOutcome", "check_output_dir", "run_training"]
 
@@ -58,6 +62,20 @@ def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [] if a == b else [prefix.rstrip(".")]
 
 
+def _check_max_steps(old: dict[str, Any], cfg: RunConfig, out: Path) -> None:
+    """``train.max_steps`` may be raised (the run is extended), never lowered."""
+    before = (old.get("train") or {}).get("max_steps")
+    now = cfg.train.max_steps
+    if before == now:
+        return
+    if before is None or now is None or now < before:
+        raise ConfigError(
+            f"output directory {str(out)!r} holds a run with train.max_steps={before}; "
+            f"train.max_steps={now} can only raise it (extend the run) — choose another "
+            "--output for a different run"
+        )
+
+
 def check_output_dir(cfg: RunConfig) -> bool:
     """Raise if ``cfg.output`` holds another run; True if it holds this one (resume)."""
     out = Path(cfg.output)
@@ -77,7 +95,8 @@ def check_output_dir(cfg: RunConfig) -> bool:
         raise ConfigError(f"{str(saved)!r} is unreadable; choose another --output") from None
     ident_new = json.loads(json.dumps(cfg.identity()))
     ident_old = {k: v for k, v in old.items() if k in ident_new}
-    for sec in ("train", "data"):
+    ident_old.setdefault("corpus", ident_new["corpus"] if not cfg.corpus.enabled else None)
+    for sec in ("train", "data", "corpus"):
         if isinstance(ident_old.get(sec), dict):
             ident_old[sec] = {k: v for k, v in ident_old[sec].items() if k in ident_new[sec]}
     diff = _diff_keys(ident_old, ident_new)
@@ -86,7 +105,24 @@ def check_output_dir(cfg: RunConfig) -> bool:
             f"output directory {str(out)!r} holds a different run (differs in "
             f"{', '.join(diff[:5])}); choose another --output or delete it"
         )
+    _check_max_steps(old, cfg, out)
     return True
+
+
+def _finished(out: Path, cfg: RunConfig) -> dict[str, Any] | None:
+    """The summary of a finished run that ``cfg`` does not extend, else None."""
+    path = out / "train_summary.json"
+    if not path.exists():
+        return None
+    summary = json.loads(path.read_text())
+    if cfg.train.max_steps is not None and summary.get("steps", 0) < cfg.train.max_steps:
+        logger.info(
+            "extending the finished run from %s to %d steps",
+            summary.get("steps"),
+            cfg.train.max_steps,
+        )
+        return None
+    return summary
 
 
 def _write_config(cfg: RunConfig) -> None:
@@ -106,7 +142,26 @@ def _pad_id(tokenizer: Any) -> int:
     return pad_id
 
 
-def _data(cfg: RunConfig, acc: Any, teacher: Any, tokenizer: Any, resuming: bool, progress: bool):
+def _corpus(cfg: RunConfig, acc: Any, tokenizer: Any) -> Any:
+    """The packed rows of the user's corpus (packed once, on the main process)."""
+    if acc.is_main_process:
+        prepare_corpus(
+            cfg.corpus,
+            tokenizer,
+            cfg.corpus_dir,
+            seq_len=cfg.data.seq_len,
+            tokenizer_name=cfg.model,
+        )
+    acc.wait_for_everyone()
+    return load_corpus(cfg.corpus_dir)
+
+
+def _data(
+    cfg: RunConfig, acc: Any, teacher: Any, tokenizer: Any, resuming: bool, progress: bool | str
+):
+    corpus = _corpus(cfg, acc, tokenizer) if cfg.corpus.enabled else None
+    if not cfg.uses_synthetic_data:
+        return corpus
     data_dir = cfg.resolved_data_dir
     if cfg.generate:
         stats = generate_synthetic_data(
@@ -117,7 +172,7 @@ def _data(cfg: RunConfig, acc: Any, teacher: Any, tokenizer: Any, resuming: bool
             model_name=cfg.model,
             rank=acc.process_index,
             world_size=acc.num_processes,
-            progress=progress and acc.is_local_main_process,
+            progress=resolve_progress(progress) == "bar" and acc.is_local_main_process,
         )
         acc.wait_for_everyone()
         if acc.is_main_process:
@@ -132,7 +187,19 @@ def _data(cfg: RunConfig, acc: Any, teacher: Any, tokenizer: Any, resuming: bool
     dataset = load_synthetic_data(data_dir)
     if len(dataset) == 0:
         raise DataError(f"data directory {str(data_dir)!r} is empty")
-    return dataset
+    if corpus is None:
+        return dataset
+    if stored_forms(dataset):
+        # The corpus rows have no teacher targets: a mixture trains with the live teacher.
+        logger.warning(
+            "corpus.mix=%s: the corpus rows hold no cached teacher targets, so the mixture "
+            "is distilled from the live teacher (the generated rows' %s targets are unused; "
+            "data.targets=none skips computing them)",
+            cfg.corpus.mix,
+            "/".join(stored_forms(dataset)),
+        )
+        dataset = tokens_only(dataset)
+    return mix_rows(corpus, dataset, cfg.corpus.mix)
 
 
 def _evaluate(cfg: RunConfig, teacher, student, tokenizer, dataset, pad_id: int):  # noqa: ANN001
@@ -171,21 +238,31 @@ def _summary(result: DistillResult, t_start: float, train_s: float, table: str |
     }
 
 
-def run_training(cfg: RunConfig, *, progress: bool = True) -> RunOutcome:
-    """Run (or resume) the ``afm-train`` pipeline of ``cfg`` (module docstring)."""
+def run_training(cfg: RunConfig, *, progress: bool | str = True) -> RunOutcome:
+    """Run (or resume, or extend) the ``afm-train`` pipeline of ``cfg`` (module docstring).
+
+    ``progress``: ``"auto"`` (True: a bar on a TTY, a log line every
+    ``train.logging_steps`` elsewhere), ``"bar"``, ``"log"`` or ``"none"`` (False)."""
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     t_start = time.perf_counter()
     resuming = check_output_dir(cfg)
     out = Path(cfg.output)
-    if (out / "train_summary.json").exists():
-        summary = json.loads((out / "train_summary.json").read_text())
+    summary = _finished(out, cfg)
+    if summary is not None:
         return RunOutcome(out, summary, already_finished=True)
-    if not cfg.generate:
+    if cfg.uses_synthetic_data and not cfg.generate:
         load_synthetic_data(cfg.resolved_data_dir)  # DataError when missing / incomplete
-    acc = make_accelerator(cfg.train)
-    teacher = load_model(cfg.model, dtype=torch.float32)
     tokenizer = load_tokenizer(cfg.model)
+    if cfg.corpus.enabled:
+        check_corpus(cfg.corpus, tokenizer)  # a bad path or column fails before any write
+        if cfg.train.kd_targets not in ("auto", "live"):
+            raise DataError(
+                f"train.kd_targets={cfg.train.kd_targets!r} with corpus.path: corpus rows hold "
+                "no cached teacher targets; use train.kd_targets=auto or live"
+            )
+    acc = make_accelerator(cfg.train, out / "trackers")
+    teacher = load_model(cfg.model, dtype=torch.float32)
     pad_id = _pad_id(tokenizer)
     if acc.is_main_process:
         _write_config(cfg)

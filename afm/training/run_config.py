@@ -18,7 +18,7 @@ from typing import Any
 from afm.analog.noise import get_noise_model
 from afm.config import AnalogConfig, set_by_path
 from afm.presets import analog_head_of, eval_noise_of, get_preset
-from afm.training.data_config import SyntheticDataConfig
+from afm.training.data_config import CorpusConfig, SyntheticDataConfig
 from afm.training.distill_config import DistillConfig
 from afm.validation import check_int, check_real, fail
 
@@ -91,12 +91,14 @@ class RunConfig:
     (``afm.config.set_by_path`` paths); they apply to the evaluation chip too when
     ``eval.preset`` is None."""
     data_dir: str | None = None
-    """Synthetic data directory; None: ``<output>/data`` (generated if missing)."""
+    """Token rows to train on: an afm data directory or any ``save_to_disk`` dataset
+    with ``input_ids``; None: ``<output>/data`` (generated if missing)."""
     generate: bool = True
-    """Generate missing synthetic data (False: the data must already exist)."""
+    """Generate missing synthetic data (False: ``data_dir`` must already hold it)."""
     num_threads: int | None = None
     """torch CPU threads (None: torch's default)."""
     data: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
     train: DistillConfig = field(default_factory=DistillConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -141,19 +143,35 @@ class RunConfig:
     def resolved_data_dir(self) -> Path:
         return Path(self.data_dir) if self.data_dir else Path(self.output) / "data"
 
+    @property
+    def corpus_dir(self) -> Path:
+        """Where the packed corpus goes."""
+        return Path(self.output) / "corpus"
+
+    @property
+    def uses_synthetic_data(self) -> bool:
+        """False when the corpus alone feeds the run (``corpus.mix`` = 1)."""
+        return not self.corpus.enabled or self.corpus.mix < 1.0
+
     def identity(self) -> dict[str, Any]:
         """What makes two runs "the same run" (the output dir may be reused)."""
         d = self.to_dict()
         d.pop("output")
         d.pop("num_threads")
         d.pop("eval")
-        for k in ("save_steps", "save_total_limit", "logging_steps"):
-            d["train"].pop(k)
+        for k in ("save_steps", "save_total_limit", "logging_steps", "report_to", "max_steps"):
+            d["train"].pop(k)  # max_steps may be raised: run.check_output_dir
         d["data"].pop("backend")
+        d["corpus"].pop("streaming")
         return d
 
 
-_SECTIONS = {"data": SyntheticDataConfig, "train": DistillConfig, "eval": EvalConfig}
+_SECTIONS = {
+    "data": SyntheticDataConfig,
+    "corpus": CorpusConfig,
+    "train": DistillConfig,
+    "eval": EvalConfig,
+}
 _TOP = {f.name for f in dataclasses.fields(RunConfig)} - set(_SECTIONS)
 
 # Defaults per model alias (kept in sync with configs/train/<alias>.yaml; a test checks it).
@@ -332,6 +350,11 @@ def build_run_config(
         raise ConfigError(f"analog_head={cfg.analog_head!r} is invalid: must be true or false")
     if not isinstance(cfg.generate, bool):
         raise ConfigError(f"generate={cfg.generate!r} is invalid: must be true or false")
+    if cfg.uses_synthetic_data and not cfg.generate and cfg.data_dir is None:
+        raise ConfigError(
+            "generate=false needs data to train on: set data_dir (existing token rows) "
+            "or corpus.path (your own corpus)"
+        )
     return cfg
 
 

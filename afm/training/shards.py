@@ -1,17 +1,26 @@
-"""Synthetic corpora on disk: Arrow shards written atomically, resumable, checked.
+"""Token rows on disk (synthetic corpora, packed user corpora): Arrow shards written
+atomically, resumable, checked, and readable by ``datasets`` as one dataset.
 
     out/
-      meta.json            the generation recipe (a restarted run must match it)
+      meta.json            the recipe (a restarted run must match it)
       shard-00000/         Dataset.save_to_disk of {"input_ids": [[...], ...]}
       shard-00001/ ...
       stats.json           tokens, sequences, mean length (when all shards exist)
+      state.json, dataset_info.json, README.md
+                           the index (when all shards exist): ``datasets.load_from_disk(out)``
+                           reads every shard as one ``train`` dataset, memory-mapped
+                           (``datasets.load_dataset(out)`` then says to use load_from_disk,
+                           as for any save_to_disk directory)
 
 A shard is written to a temporary directory and renamed into place, so a killed run
-never leaves a half shard.
+never leaves a half shard.  Directories written before the index existed (format 1)
+stay readable by :func:`load_synthetic_data`; :func:`write_index` makes them
+datasets-native (``afm-generate`` on them again does it).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -26,13 +35,22 @@ __all__ = [
     "check_meta",
     "complete_shards",
     "data_stats",
+    "load_rows",
     "load_synthetic_data",
     "shard_name",
+    "write_index",
     "write_shard",
 ]
 
 META = "meta.json"
 STATS = "stats.json"
+_STATE, _INFO, _CARD = "state.json", "dataset_info.json", "README.md"
+_CARD_TEXT = """# Token rows written by afm
+
+One row per training sequence (column `input_ids`), in `shard-*/`; `meta.json` holds the
+recipe, `stats.json` the counts.  Read them as one dataset with
+`datasets.load_from_disk(dir)`.
+"""
 
 
 def shard_name(i: int) -> str:
@@ -76,11 +94,11 @@ def write_shard(
 ) -> None:
     """Write shard ``index``: ``input_ids`` and, with ``targets`` (one dict of per-position
     arrays per row, :mod:`afm.training.teacher_targets`), their flat target columns."""
-    from datasets import Dataset, Features, Sequence, Value
+    from datasets import Dataset, Features
     from datasets.utils import logging as ds_logging
 
     columns: dict[str, Any] = {"input_ids": rows}
-    features: dict[str, Any] = {"input_ids": Sequence(Value("int64"))}
+    features: dict[str, Any] = dict(_features())  # the same in every shard
     if targets is not None:
         from afm.training.teacher_targets import target_features
 
@@ -107,6 +125,47 @@ def write_shard(
             raise
 
 
+def _features() -> Any:
+    from datasets import Features, List, Value
+
+    return Features({"input_ids": List(Value("int32"))})
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_index(out: str | Path) -> None:
+    """Write the index (``state.json``, ``dataset_info.json``, ``README.md``) over the
+    complete shards of ``out``, so that ``datasets`` reads them as one dataset."""
+    d = Path(out)
+    shards = sorted(complete_shards(d))
+    if not shards:
+        raise DataError(f"data directory {str(d)!r} holds no shards to index")
+    files = []
+    for i in shards:
+        part = json.loads((d / shard_name(i) / _STATE).read_text())
+        files += [{"filename": f"{shard_name(i)}/{f['filename']}"} for f in part["_data_files"]]
+    state = json.loads((d / shard_name(shards[0]) / _STATE).read_text())
+    state.update(
+        _data_files=files,
+        _fingerprint=hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16],
+        _split="train",
+    )
+    _write_atomic(d / _INFO, (d / shard_name(shards[0]) / _INFO).read_text())
+    _write_atomic(d / _STATE, json.dumps(state, indent=2))
+    _write_atomic(d / _CARD, _CARD_TEXT)
+
+
+def _index_is_current(d: Path, shards: list[int]) -> bool:
+    if not ((d / _STATE).is_file() and (d / _INFO).is_file()):
+        return False
+    files = json.loads((d / _STATE).read_text()).get("_data_files", [])
+    return {f["filename"].split("/")[0] for f in files} == {shard_name(i) for i in shards}
+
+
 def data_stats(data_dir: str | Path) -> dict[str, Any]:
     """Tokens, sequences and mean length over the complete shards of ``data_dir``."""
     ds = load_synthetic_data(data_dir, require_complete=False)
@@ -119,11 +178,14 @@ def data_stats(data_dir: str | Path) -> dict[str, Any]:
     }
 
 
-def load_synthetic_data(data_dir: str | Path, *, require_complete: bool = True) -> Any:
-    """The shards of ``data_dir`` as one ``datasets.Dataset`` (column ``input_ids``).
+def load_rows(data_dir: str | Path) -> Any:
+    """The token rows of ``data_dir`` as one ``datasets.Dataset`` (column ``input_ids`` and
+    the cached teacher-target columns it holds, :mod:`afm.training.teacher_targets`):
+    an afm shard directory (indexed or format 1), or any ``save_to_disk`` dataset (or
+    dataset dict with a ``train`` split) that has an ``input_ids`` column.
 
-    Raises :class:`DataError` when the directory is missing, holds no shard, or
-    (with ``require_complete``) lacks shards its ``meta.json`` promises.
+    Raises :class:`DataError` when the directory is missing, holds no rows or no
+    ``input_ids`` column (texts belong in ``corpus.path``, which tokenizes them).
     """
     from datasets import concatenate_datasets, load_from_disk
 
@@ -131,8 +193,46 @@ def load_synthetic_data(data_dir: str | Path, *, require_complete: bool = True) 
     if not d.is_dir():
         raise DataError(f"data directory {str(d)!r} does not exist")
     shards = sorted(complete_shards(d))
-    if not shards:
-        raise DataError(f"data directory {str(d)!r} holds no shards (expected shard-00000/ ...)")
+    if shards and _index_is_current(d, shards):
+        ds = load_from_disk(str(d))
+    elif shards:
+        parts = [load_from_disk(str(d / shard_name(i))) for i in shards]
+        ds = parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+    elif (d / _STATE).is_file() or (d / "dataset_dict.json").is_file():
+        ds = load_from_disk(str(d))
+        if hasattr(ds, "keys"):  # a DatasetDict
+            if "train" not in ds:
+                raise DataError(
+                    f"data directory {str(d)!r} is a dataset dict without a 'train' split "
+                    f"(splits: {', '.join(ds.keys())})"
+                )
+            ds = ds["train"]
+    else:
+        raise DataError(
+            f"data directory {str(d)!r} holds no shards (expected shard-00000/ ... or a "
+            "datasets.save_to_disk directory)"
+        )
+    if "input_ids" not in ds.column_names:
+        raise DataError(
+            f"data directory {str(d)!r} has no 'input_ids' column (columns: "
+            f"{', '.join(ds.column_names)}); to train on texts set corpus.path={str(d)!r} "
+            "(tokenized and packed with the teacher's tokenizer)"
+        )
+    if len(ds) == 0:
+        raise DataError(f"data directory {str(d)!r} holds only empty shards")
+    from afm.training.teacher_targets import COLUMNS  # cached teacher targets, if any
+
+    return ds.select_columns(["input_ids", *(c for c in ds.column_names if c in COLUMNS)])
+
+
+def load_synthetic_data(data_dir: str | Path, *, require_complete: bool = True) -> Any:
+    """The rows of ``data_dir`` (:func:`load_rows`) as one ``datasets.Dataset``.
+
+    Raises :class:`DataError` when the directory is missing, holds no rows, or
+    (with ``require_complete``) lacks shards its ``meta.json`` promises.
+    """
+    d = Path(data_dir)
+    shards = sorted(complete_shards(d)) if d.is_dir() else []
     if require_complete and (d / META).exists():
         recipe = json.loads((d / META).read_text()).get("recipe", {})
         try:
@@ -144,8 +244,4 @@ def load_synthetic_data(data_dir: str | Path, *, require_complete: bool = True) 
                 f"data directory {str(d)!r} has {len(shards)} of {expected} shards; "
                 "run afm-generate again to finish it"
             )
-    parts = [load_from_disk(str(d / shard_name(i))) for i in shards]
-    ds = parts[0] if len(parts) == 1 else concatenate_datasets(parts)
-    if len(ds) == 0:
-        raise DataError(f"data directory {str(d)!r} holds only empty shards")
-    return ds
+    return load_rows(d)

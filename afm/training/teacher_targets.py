@@ -197,7 +197,15 @@ def resolve_target_form(dataset: Any, kd_targets: str) -> str | None:
     stored = stored_forms(dataset)
     if kd_targets == "auto":
         return next((f for f in ("sampled", "top_k") if f in stored), None)
-    return None if kd_targets == "live" else kd_targets
+    if kd_targets == "live":
+        return None
+    if kd_targets not in stored:
+        raise DataError(
+            f"train.kd_targets={kd_targets!r}: the training rows hold no cached {kd_targets!r} "
+            f"teacher targets (stored: {', '.join(stored) or 'none'}; rows of corpus.path never "
+            "have any); use train.kd_targets=auto or live"
+        )
+    return kd_targets
 
 
 def tokens_only(dataset: Any) -> Any:

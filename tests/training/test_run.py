@@ -25,15 +25,6 @@ SMALL = [
 ]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, toy_llama):
-    model, tok = toy_llama(max_positions=64)
-    d = tmp_path_factory.mktemp("model")
-    model.save_pretrained(d)
-    tok.save_pretrained(d)
-    return str(d)
-
-
 def _one_line_error(capsys, rc):
     err = capsys.readouterr().err.strip().splitlines()
     err = [e for e in err if not e.startswith("Loading weights")]
@@ -90,7 +81,7 @@ def test_end_to_end_run_resume_and_refusals(model_dir, tmp_path, capsys):
         (["--set", "train.lr"], "expected key=value"),
         (["--set", "bogus=1"], "unknown key 'bogus'"),
         (["--preset", "no-such-preset"], "unknown preset"),
-        (["--set", "generate=false"], "does not exist"),
+        (["--set", "generate=false"], "generate=false needs data to train on"),
         (["--config", "/nonexistent/run.yaml"], "does not exist"),
         (["--bogus-flag"], "unrecognized arguments"),
     ],

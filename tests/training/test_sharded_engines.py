@@ -1,4 +1,5 @@
-"""DDP, FSDP (v1) and DeepSpeed ZeRO-2 / ZeRO-3 on 2 CPU processes (gloo via torchrun).
+"""DDP, FSDP (v1), FSDP2 and DeepSpeed ZeRO-2 / ZeRO-3 on 2 CPU processes (gloo via
+torchrun).
 
 DDP: both ranks end with bit-identical weights and learned input ranges, clipped.
 
@@ -82,6 +83,19 @@ WORKER = textwrap.dedent(
             plugin.set_mixed_precision(mixed)
         AcceleratorState().fsdp_plugin = plugin
         switch_to(DistributedType.FSDP)
+    elif mode == "fsdp2":
+        from accelerate import FullyShardedDataParallelPlugin
+        os.environ["ACCELERATE_TORCH_DEVICE"] = "cpu"
+        acc = Accelerator(cpu=True, mixed_precision=mixed)
+        plugin = FullyShardedDataParallelPlugin(
+            fsdp_version=2, reshard_after_forward=True, state_dict_type="SHARDED_STATE_DICT",
+            auto_wrap_policy="transformer_based_wrap",
+            transformer_cls_names_to_wrap=["LlamaDecoderLayer"])
+        if mixed != "no":
+            plugin.set_mixed_precision(mixed)
+        AcceleratorState().fsdp_plugin = plugin
+        switch_to(DistributedType.FSDP)
+        assert acc.is_fsdp2
     else:
         acc = Accelerator(cpu=True, mixed_precision=mixed)
     student = make_student(teacher)
@@ -132,6 +146,20 @@ def _assert_clipped(state):
             assert ratio <= 2.5 * 1.08, k  # the clip shrinks the row std a little
             checked += 1
     assert checked
+
+
+def _assert_sharded_and_consolidated(root, mode: str):
+    """FSDP runs: only the main process gathers; checkpoints are consolidated
+    safetensors + JSON, no pickles.  Returns the step-2 checkpoint."""
+    for name in (mode, f"{mode}_resumed"):
+        infos = _infos(root / name)
+        assert all("FSDP" in i["type"] for i in infos)
+        assert not infos[1]["whole"]
+    ckpt = root / mode / "checkpoints" / "checkpoint-0000002"
+    names = {p.name for p in ckpt.iterdir()}
+    assert {"model.safetensors", "optimizer.safetensors", "optimizer.json"} <= names
+    assert not [n for n in names if n.endswith((".pkl", ".bin", ".pt", ".distcp"))]
+    return ckpt
 
 
 @pytest.fixture(scope="module")
@@ -191,20 +219,26 @@ def test_ddp_ranks_end_identical_and_clipped(engine_runs):
 def test_fsdp_matches_ddp_clips_resumes_and_saves(engine_runs):
     script, root, ddp = engine_runs
     fsdp = _check_engine(script, root, ddp, "fsdp", atol=1e-5)
-    for name in ("fsdp", "fsdp_resumed"):
-        infos = _infos(root / name)
-        assert all("FSDP" in i["type"] for i in infos)
-        assert not infos[1]["whole"]  # sharded: only the main process gathers
-    ckpt = root / "fsdp" / "checkpoints" / "checkpoint-0000002"
-    names = {p.name for p in ckpt.iterdir()}  # consolidated safetensors + JSON, no pickles
-    assert {"model.safetensors", "optimizer.safetensors", "optimizer.json"} <= names
-    assert not [n for n in names if n.endswith((".pkl", ".bin", ".pt", ".distcp"))]
+    _assert_sharded_and_consolidated(root, "fsdp")
 
     _launch(script, root / "fsdp_bf16", "fsdp", mixed="bf16")
     assert _infos(root / "fsdp_bf16")[0]["master_dtypes"] == ["torch.float32"]
     bf16 = _final(root / "fsdp_bf16")
     _assert_clipped(bf16)  # clipped on the fp32 master shards, not on the bf16 copies
     assert any(not torch.equal(bf16[k], fsdp[k]) for k in fsdp)  # bf16 really ran
+
+
+@pytest.mark.slow
+def test_fsdp2_matches_ddp_clips_resumes_and_saves(engine_runs):
+    """torch's fully_shard (accelerate fsdp_version 2): DTensor shards on dim 0."""
+    script, root, ddp = engine_runs
+    _check_engine(script, root, ddp, "fsdp2", atol=1e-5)
+    ckpt = _assert_sharded_and_consolidated(root, "fsdp2")
+    from safetensors.torch import load_file
+
+    moments = load_file(str(ckpt / "optimizer.safetensors"))  # whole Adam moments
+    weight = load_file(str(ckpt / "model.safetensors"))["model.layers.0.mlp.up_proj.weight"]
+    assert any(t.shape == weight.shape for t in moments.values())
 
 
 @pytest.mark.slow
