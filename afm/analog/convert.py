@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 from torch import nn
 
-from afm.analog.hf import is_afm_checkpoint_config
+from afm.analog.hf import AfmQuantizationConfig, is_afm_checkpoint_config
 from afm.analog.layers import AnalogLinear, analog_layers
 from afm.analog.select import (
     Selector,
@@ -34,7 +34,7 @@ __all__ = ["analog_layers", "convert", "revert"]
 
 def convert(
     model: nn.Module,
-    config: AnalogConfig,
+    config: AnalogConfig | AfmQuantizationConfig,
     *,
     include: Selector = None,
     exclude: Selector = None,
@@ -45,7 +45,11 @@ def convert(
 
     Args:
         model: any torch module, typically a HF causal LM.
-        config: the hardware model for every converted layer.
+        config: the hardware model for every converted layer; or an afm
+            ``AfmQuantizationConfig`` (a placement from ``afm-plan place``, or a
+            checkpoint's ``quantization_config``, ``afm.analog.hf.read_quantization_config``):
+            then exactly its ``modules`` become analog, each with its own config, and
+            ``include`` / ``exclude`` / ``overrides`` / ``convert_lm_head`` must stay unset.
         include: names / regexes of layers to convert (default: all linear layers).
         exclude: names / regexes of layers to keep digital (applied after ``include``).
         overrides: ``{pattern: config}``; the first pattern that matches a layer's name
@@ -56,6 +60,13 @@ def convert(
     Returns:
         ``model`` itself, converted.
     """
+    if isinstance(config, AfmQuantizationConfig):
+        if include is not None or exclude is not None or overrides or convert_lm_head:
+            raise ValueError(
+                "afm.convert with an afm quantization config (a placement) converts exactly "
+                "its modules: do not pass include, exclude, overrides or convert_lm_head"
+            )
+        return _convert_listed(model, config)
     if not isinstance(config, AnalogConfig):
         raise TypeError(f"config must be an AnalogConfig, got {type(config).__name__}")
     inc, exc = compile_patterns(include), compile_patterns(exclude)
@@ -88,6 +99,47 @@ def convert(
     if untied:
         untie_word_embeddings(model)
     logger.info("afm.convert: %d layers converted to AnalogLinear", len(targets))
+    return model
+
+
+def _exact(name: str) -> re.Pattern:
+    return re.compile("^" + re.escape(name) + "$")
+
+
+def _convert_listed(model: nn.Module, qc: AfmQuantizationConfig) -> nn.Module:
+    """``convert`` of exactly the layers an afm quantization config lists (all linear
+    layers but the head when it lists none), each with its own config."""
+    overrides = {_exact(n): cfg for n, cfg in qc.overrides.items()}
+    if qc.modules is None:
+        return convert(
+            model, qc.analog_config, overrides=overrides, convert_lm_head=qc.convert_lm_head
+        )
+    stray = sorted(set(qc.overrides) - set(qc.modules))
+    if stray:
+        raise ValueError(f"the afm config has overrides for layers it does not list: {stray}")
+    for name in qc.modules:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(
+                f"the afm config lists layer {name!r}, which the model does not have"
+            ) from None
+        if not is_linear_like(module):
+            raise ValueError(
+                f"the afm config lists layer {name!r}, which is a {type(module).__name__}, "
+                "not a linear layer"
+            )
+    listed = set(qc.modules)
+    convert(
+        model,
+        qc.analog_config,
+        include=[_exact(n) for n in qc.modules],
+        overrides=overrides,
+        convert_lm_head=bool(listed & output_head_names(model)),
+    )
+    missing = sorted(listed - set(analog_layers(model)))
+    if missing:  # unreachable unless a rule above changes: never leave a layer out silently
+        raise ValueError(f"afm.convert: layers {missing} of the afm config were not converted")
     return model
 
 

@@ -17,6 +17,8 @@ from torch import nn
 
 from afm.analog.calibration import calibrate_on_texts
 from afm.analog.convert import convert
+from afm.analog.hf import AfmQuantizationConfig, read_quantization_config
+from afm.analog.layers import analog_layers
 from afm.evaluate.specs import EvalInputError, ModelSpec
 from afm.export.rtn import rtn_w4
 from afm.models import ModelNotFoundError, load_model, load_tokenizer, resolve_model
@@ -73,6 +75,10 @@ def check_model_spec(spec: ModelSpec) -> None:
     that a local path (absolute, ``./``, ``~``, or the ``tiny`` alias) exists."""
     if spec.dtype not in DTYPES:
         raise EvalInputError(f"dtype={spec.dtype!r}: choose one of {sorted(DTYPES)}")
+    if spec.preset is not None and spec.placement is not None:
+        raise EvalInputError(f"model spec {spec.name!r}: give preset or placement, not both")
+    if spec.placement is not None:
+        _placement(spec)
     if spec.preset is not None and spec.preset not in PRESETS:
         raise EvalInputError(f"unknown preset {spec.preset!r}; available: {', '.join(PRESETS)}")
     if spec.calib not in ("toyworld", "none") and not Path(spec.calib).is_file():
@@ -83,6 +89,13 @@ def check_model_spec(spec: ModelSpec) -> None:
     local = resolved.startswith((".", "/", "~")) or resolved != spec.path
     if local and not (Path(resolved).expanduser() / "config.json").is_file():
         raise EvalInputError(f"checkpoint {spec.path!r} not found (no config.json in {resolved})")
+
+
+def _placement(spec: ModelSpec) -> AfmQuantizationConfig:
+    try:
+        return read_quantization_config(str(spec.placement))
+    except ValueError as err:
+        raise EvalInputError(f"placement: {err}") from None
 
 
 def load_model_spec(spec: ModelSpec, device: str | torch.device = "cpu") -> tuple[nn.Module, Any]:
@@ -102,13 +115,14 @@ def load_model_spec(spec: ModelSpec, device: str | torch.device = "cpu") -> tupl
             model = rtn_w4(model, group_size=spec.group_size) or model
         except ValueError as err:
             raise EvalInputError(f"rtn_w4: {err}") from None
-    if spec.preset is not None:
+    if spec.preset is not None or spec.placement is not None:
         try:
-            config = get_preset(spec.preset)
+            config = _placement(spec) if spec.placement else get_preset(str(spec.preset))
+            convert(model, config)
         except ValueError as err:
             raise EvalInputError(str(err)) from None
-        convert(model, config)
-        if config.input.uses_range and spec.calib.lower() != "none":
+        uses_range = any(m.analog_config.input.uses_range for m in analog_layers(model).values())
+        if uses_range and spec.calib.lower() != "none":
             _calibrate(model, tokenizer, spec)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -82,6 +82,9 @@ class ModelSpec:
             (one document a line, or ``{"text": ...}``), or ``"none"``.
         calib_steps: calibration batches (of 8 sequences).
         dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``.
+        placement: convert a plain model on the fly with an afm config file instead: a
+            placement written by ``afm-plan place`` (only its layers become analog, the
+            rest stays digital and sees no device noise) or an afm checkpoint's config.json.
     """
 
     path: str
@@ -92,6 +95,7 @@ class ModelSpec:
     calib: str = "toyworld"
     calib_steps: int = 16
     dtype: str = "float32"
+    placement: str | None = None
 
     @property
     def name(self) -> str:
@@ -102,6 +106,8 @@ class ModelSpec:
             name += "+rtn-w4"
         if self.preset:
             name += f"@{self.preset}"
+        if self.placement:
+            name += f"@{Path(self.placement).stem}"
         return name
 
     @classmethod
@@ -132,8 +138,9 @@ class ModelSpec:
                 kwargs[key] = (
                     None if kwargs[key].lower() == "none" else as_int(key, kwargs[key], minimum=1)
                 )
-        if kwargs.get("preset", "").lower() in ("", "none"):
-            kwargs.pop("preset", None)
+        for key in ("preset", "placement"):
+            if kwargs.get(key, "").lower() in ("", "none"):
+                kwargs.pop(key, None)
         return cls(**kwargs)
 
 

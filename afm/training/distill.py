@@ -33,7 +33,7 @@ from torch import nn
 
 from afm.analog.calibration import calibrate_input_ranges_
 from afm.analog.convert import convert
-from afm.analog.hf import attach_quantization_config
+from afm.analog.hf import AfmQuantizationConfig, attach_quantization_config
 from afm.analog.layers import analog_layers
 from afm.config import AnalogConfig
 from afm.presets import get_preset
@@ -84,7 +84,9 @@ class DistillResult:
 
 
 def make_student(
-    teacher: nn.Module, preset: str | AnalogConfig = "afm-paper", **convert_kwargs: Any
+    teacher: nn.Module,
+    preset: str | AnalogConfig | AfmQuantizationConfig = "afm-paper",
+    **convert_kwargs: Any,
 ) -> nn.Module:
     """A deep copy of ``teacher`` with its linear layers converted (output head stays digital)."""
     config = get_preset(preset) if isinstance(preset, str) else preset

@@ -26,6 +26,7 @@ from torch import nn
 
 from afm.analog.calibration import calibrate_input_ranges_
 from afm.analog.convert import convert
+from afm.analog.hf import AfmQuantizationConfig
 from afm.analog.layers import analog_layers
 from afm.analog.noise import NoiseModel, get_noise_model
 from afm.config import AnalogConfig
@@ -84,11 +85,16 @@ def _chip(preset: str | AnalogConfig) -> AnalogConfig:
 
 
 def analog_teacher(
-    teacher: nn.Module, preset: str | AnalogConfig, calibration: Sequence[dict[str, torch.Tensor]]
+    teacher: nn.Module,
+    preset: str | AnalogConfig,
+    calibration: Sequence[dict[str, torch.Tensor]],
+    layers: Sequence[str] | None = None,
 ) -> nn.Module:
-    """A copy of the teacher on the chip ``preset``, input ranges calibrated (no training)."""
+    """A copy of the teacher on the chip ``preset``, input ranges calibrated (no training);
+    ``layers``: only these become analog (a placement), the others stay digital."""
     model = copy.deepcopy(teacher)
-    convert(model, _chip(preset))
+    chip = _chip(preset)
+    convert(model, chip if layers is None else AfmQuantizationConfig(chip, modules=list(layers)))
     calibrate_input_ranges_(model, calibration, max_steps=len(calibration), progress=False)
     return model.eval()
 
@@ -117,12 +123,14 @@ def before_after(
     n_per_kind: int = 25,
     facts: bool = True,
     curve_scales: Sequence[float] = (),
+    layers: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """Accuracies of the three conditions (module docstring); ``curve`` adds noise scales."""
+    """Accuracies of the three conditions (module docstring); ``curve`` adds noise scales;
+    ``layers``: the analog layers of a placement (the teacher baseline gets the same)."""
     tasks = ToyTasks(n_per_kind, facts)
     seed_list = list(range(seeds))
     t_fp = {k: _stats([v]) for k, v in tasks(teacher.eval(), tokenizer).items()}
-    t_an = analog_teacher(teacher, preset, calibration)
+    t_an = analog_teacher(teacher, preset, calibration, layers)
     s_an = on_chip(student, preset)
     spec = dict(noise) if isinstance(noise, dict) else {"name": noise}
     if noise_scale is not None:

@@ -138,6 +138,7 @@ def _evaluate(cfg: RunConfig, teacher, student, tokenizer, dataset, pad_id: int)
         return None, None
     order = BatchOrder(dataset, cfg.train.per_device_batch_size, 1, 1, cfg.train.seed)
     calib = [order.collate(i, pad_id) for i in order.calibration(cfg.eval.calibration_batches)]
+    placement = cfg.student_placement()
     evaluation = before_after(
         teacher,
         student,
@@ -145,6 +146,7 @@ def _evaluate(cfg: RunConfig, teacher, student, tokenizer, dataset, pad_id: int)
         calib,
         preset=cfg.eval_chip(),
         chip_name=cfg.eval_chip_name,
+        layers=placement.modules if placement is not None else None,
         noise=cfg.eval_noise(),
         seeds=cfg.eval.seeds,
         n_per_kind=cfg.eval.n_per_kind,
@@ -187,7 +189,7 @@ def run_training(cfg: RunConfig, *, progress: bool = True) -> RunOutcome:
     acc.wait_for_everyone()
     teacher.to(acc.device)
     dataset = _data(cfg, acc, teacher, tokenizer, resuming, progress)
-    student = make_student(teacher, cfg.student_chip())
+    student = make_student(teacher, cfg.student_placement() or cfg.student_chip())
     result = distill(
         teacher,
         student,

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from afm.analog.hf import AfmQuantizationConfig, read_quantization_config
 from afm.analog.noise import get_noise_model
 from afm.config import AnalogConfig, set_by_path
 from afm.presets import eval_noise_of, get_preset
@@ -87,6 +88,10 @@ class RunConfig:
     """``{"weight_noise.std": 0.08, ...}``: fields of the preset changed for this run
     (``afm.config.set_by_path`` paths); they apply to the evaluation chip too when
     ``eval.preset`` is None."""
+    placement: str | None = None
+    """An afm placement file (``afm-plan place``): only its layers become analog in the
+    student (and in the analog teacher of the report); the others stay digital.  It must
+    have been planned on this run's student chip (``preset`` + ``preset_overrides``)."""
     data_dir: str | None = None
     """Synthetic data directory; None: ``<output>/data`` (generated if missing)."""
     generate: bool = True
@@ -110,6 +115,29 @@ class RunConfig:
                 raise ConfigError(f"preset_overrides: {path}={value!r}: {err}") from None
         return chip
 
+    def student_placement(self) -> AfmQuantizationConfig | None:
+        """The placement file's afm config (None without one), checked against the chip."""
+        if self.placement is None:
+            return None
+        try:
+            placement = read_quantization_config(str(self.placement))
+        except ValueError as err:
+            raise ConfigError(f"placement: {err}") from None
+        chip = self.student_chip()
+        if placement.analog_config != chip:
+            ours, theirs = chip.to_dict(), placement.analog_config.to_dict()
+            diff = sorted(k for k in ours if ours[k] != theirs.get(k))
+            raise ConfigError(
+                f"placement {self.placement!r} was planned on another chip than preset "
+                f"{self.preset!r} with these preset_overrides (differs in {', '.join(diff)})"
+            )
+        if placement.overrides or placement.modules is None:
+            raise ConfigError(
+                f"placement {self.placement!r}: afm-train takes a placement that lists its "
+                "analog layers and has no per-layer config overrides (as afm-plan writes them)"
+            )
+        return placement
+
     def eval_chip(self) -> AnalogConfig:
         """The evaluation chip: ``eval.preset`` if set, else the student's chip."""
         return get_preset(self.eval.preset) if self.eval.preset else self.student_chip()
@@ -128,6 +156,8 @@ class RunConfig:
         if self.eval.preset:
             return self.eval.preset
         extra = ", ".join(f"{k}={v}" for k, v in self.preset_overrides.items())
+        if self.placement:
+            extra += (", " if extra else "") + f"placement {Path(self.placement).name}"
         return self.preset + (f" ({extra})" if extra else "")
 
     @property
@@ -312,6 +342,7 @@ def build_run_config(
             "like {weight_noise.std: 0.08}"
         )
     cfg.student_chip()  # validates the overrides
+    cfg.student_placement()  # validates the placement file against that chip
     try:
         noise = cfg.eval_noise()
         get_noise_model(noise["name"], **{k: v for k, v in noise.items() if k != "name"})
