@@ -25,35 +25,43 @@ from afm.models import ModelNotFoundError, load_model, load_tokenizer, resolve_m
 from afm.presets import PRESETS, get_preset
 from afm.toyworld.world import training_documents
 
-__all__ = ["DTYPES", "check_model_spec", "load_model_spec"]
+__all__ = ["DTYPES", "check_model_spec", "load_model_spec", "read_texts"]
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _calibration_texts(source: str, n: int) -> list[str]:
-    if source == "toyworld":
-        docs = training_documents()
-        return [next(docs) for _ in range(n)]
-    path = Path(source)
-    if not path.is_file():
-        raise EvalInputError(
-            f"calibration data {source!r} is neither 'toyworld', 'none' nor a file"
-        )
+def read_texts(path: str | Path, n: int | None = None, what: str = "text file") -> list[str]:
+    """The first ``n`` documents (all: None) of a text file: one a line, or JSON lines
+    with a ``"text"`` field."""
+    p = Path(path)
+    if not p.is_file():
+        raise EvalInputError(f"{what} {str(path)!r} is not a file")
     texts = []
-    for line in path.read_text().splitlines():
+    for line in p.read_text().splitlines():
         line = line.strip()
         if not line:
             continue
         if line.startswith("{"):
             line = json.loads(line).get("text", "")
         texts.append(line)
-        if len(texts) >= n:
+        if n is not None and len(texts) >= n:
             break
     if not texts:
-        raise EvalInputError(f"calibration file {source!r} has no text")
+        raise EvalInputError(f"{what} {str(path)!r} has no text")
     return texts
+
+
+def _calibration_texts(source: str, n: int) -> list[str]:
+    if source == "toyworld":
+        docs = training_documents()
+        return [next(docs) for _ in range(n)]
+    if not Path(source).is_file():
+        raise EvalInputError(
+            f"calibration data {source!r} is neither 'toyworld', 'none' nor a file"
+        )
+    return read_texts(source, n, "calibration file")
 
 
 def _calibrate(model: nn.Module, tokenizer: Any, spec: ModelSpec) -> None:
