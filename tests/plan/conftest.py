@@ -62,3 +62,8 @@ def sensitive_dir(tmp_path_factory, toy_tok):
     model.save_pretrained(d)
     toy_tok.save_pretrained(d)
     return str(d)
+
+
+@pytest.fixture(scope="session")
+def sensitive_layer():
+    return SENSITIVE

@@ -203,7 +203,8 @@ def _one_line(capsys, rc):
 
 
 def test_cost_cli_writes_reports_and_bad_input_is_one_line(tmp_path, capsys):
-    rc = plan_cli.main(["cost", "--model", "tiny", "--model", "llama-3.2-1b", "--out", str(tmp_path)])
+    args = ["cost", "--model", "tiny", "--model", "llama-3.2-1b", "--out", str(tmp_path)]
+    rc = plan_cli.main(args)
     assert rc == 0
     out = capsys.readouterr().out
     assert "| tiny | hermes |" in out and "| llama-3.2-1b | hermes |" in out

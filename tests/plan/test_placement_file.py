@@ -148,9 +148,8 @@ def test_afm_train_takes_a_placement_planned_on_its_chip(model_dir, tmp_path, to
     assert "placement p.json" in cfg.eval_chip_name
     with pytest.raises(ConfigError, match="planned on another chip.*weight_noise"):
         build_run_config(str(model_dir), "o", preset="afm-paper", sets=[f"placement={path}"])
-    over = _placement(
-        tmp_path / "o.json", [Q0], chip="tiny-stress", overrides={Q0: afm.get_preset("ideal").to_dict()}
-    )
+    ideal = {Q0: afm.get_preset("ideal").to_dict()}
+    over = _placement(tmp_path / "o.json", [Q0], chip="tiny-stress", overrides=ideal)
     with pytest.raises(ConfigError, match="no per-layer config overrides"):
         build_run_config(str(model_dir), "o", preset="tiny-stress", sets=[f"placement={over}"])
     with pytest.raises(ConfigError, match="placement: .*does not exist"):
@@ -160,3 +159,30 @@ def test_afm_train_takes_a_placement_planned_on_its_chip(model_dir, tmp_path, to
     batch = tok(["Q: 1+2=? A: 1+2=3. Answer: 3"], return_tensors="pt")
     t = analog_teacher(teacher, "tiny-stress", [dict(batch)], layers=[Q0, DOWN1])
     assert sorted(afm.analog_layers(t)) == sorted([Q0, DOWN1])
+
+
+SMALL = [
+    "--set", "data.num_tokens=256",
+    "--set", "data.seq_len=16",
+    "--set", "data.sequences_per_shard=16",
+    "--set", "data.batch_size=16",
+    "--set", "train.max_steps=2",
+    "--set", "train.per_device_batch_size=4",
+    "--set", "train.calibration_batches=1",
+    "--set", "num_threads=1",
+]  # fmt: skip
+
+
+def test_afm_train_distils_a_student_with_the_placement(model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from afm.cli import train as train_cli
+
+    path = _placement(tmp_path / "p.json", [Q0, DOWN1])
+    out = tmp_path / "run"
+    argv = ["--model", str(model_dir), "--output", str(out), "--quiet", *SMALL]
+    assert train_cli.main([*argv, "--set", f"placement={path}"]) == 0
+    saved = json.loads((out / "run_config.json").read_text())
+    assert saved["placement"] == str(path)
+    student = AutoModelForCausalLM.from_pretrained(out)
+    assert sorted(afm.analog_layers(student)) == sorted([Q0, DOWN1])
