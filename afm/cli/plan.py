@@ -69,6 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     cost.add_argument("--chip-file", help="YAML overriding chip fields (base: CHIP)")
     cost.add_argument("--placement", help="placement.json: its layers analog, the rest digital")
     cost.add_argument("--digital", action="append", default=[], metavar="PATTERN")
+    cost.add_argument("--analog-head", action="store_true", help="the output head analog too")
     cost.add_argument("--context", type=int, help="cached tokens attended to (default 1024)")
     cost.add_argument("--lora-rank", type=int, default=0, help="digital LoRA adapters' rank")
     cost.add_argument("--lora-targets", help="comma-separated layer patterns (default: all)")
@@ -90,6 +91,7 @@ def _run(args: argparse.Namespace, command: str) -> int:
             context=args.context,
             lora_rank=args.lora_rank,
             lora_targets=targets,
+            analog_head=args.analog_head,
             out=args.out,
             command=command,
         )

@@ -106,6 +106,7 @@ class CostRequest:
     """Cached tokens attended to (None: 1024, at most the model's positions)."""
     lora_rank: int = 0
     lora_targets: tuple[str, ...] | None = None
+    analog_head: bool = False
     out: str | None = None
     command: str = "afm-plan cost"
 
@@ -307,6 +308,8 @@ def run_cost(req: CostRequest) -> tuple[list[CostReport], str, dict[str, Path]]:
         raise PlanInputError("no model given")
     chip = load_chip(req.chip_file, req.chip)
     analog = read_quantization_config(req.placement).modules if req.placement else None
+    if analog is not None and req.analog_head:
+        raise PlanInputError("--analog-head and --placement: the placement says where the head is")
     reports = []
     for name in req.models:
         model, source = meta_model(name)
@@ -321,6 +324,7 @@ def run_cost(req: CostRequest) -> tuple[list[CostReport], str, dict[str, Path]]:
                 context=_context(req, model),
                 lora_rank=req.lora_rank,
                 lora_targets=req.lora_targets,
+                analog_head=req.analog_head,
             )  # fmt: skip
         )
     markdown = "\n".join(cost_markdown(r) for r in reports)

@@ -109,15 +109,17 @@ class CostReport:
         return out
 
 
-def _is_analog(m: Matrix, analog: Collection[str] | None, digital: Sequence[str]) -> bool:
+def _is_analog(
+    m: Matrix, analog: Collection[str] | None, digital: Sequence[str], analog_head: bool
+) -> bool:
     if m.kind not in ("linear", "head", "experts"):
         return False
     if digital and name_matches(m.name, digital):
         return False
     if m.kind == "experts":
         return True  # afm cannot simulate fused experts; the cost maps them analog
-    if analog is None:
-        return m.kind == "linear"  # afm.convert's default: the head stays digital
+    if analog is None:  # afm.convert's default: the head stays digital
+        return m.kind == "linear" or analog_head
     return m.name in analog
 
 
@@ -202,6 +204,7 @@ def _tally(
     digital: Sequence[str],
     lora_rank: int,
     lora_targets: Sequence[str] | None,
+    analog_head: bool,
 ) -> _Tally:
     """Map every matrix (analog / digital / looked up) and add its work to ``ops``."""
     tally = _Tally()
@@ -214,7 +217,7 @@ def _tally(
         if m.kind in ("embedding", "uncounted"):
             row["placement"] = "lookup" if m.kind == "embedding" else "uncounted"
             continue
-        if not _is_analog(m, analog, digital):
+        if not _is_analog(m, analog, digital, analog_head):
             row["placement"] = "digital"
             tally.digital_params += m.params
             key = {"head": "output head", "router": "routers"}.get(m.kind, "digital layers")
@@ -242,6 +245,7 @@ def chip_cost(
     context: int = 1024,
     lora_rank: int = 0,
     lora_targets: Sequence[str] | None = None,
+    analog_head: bool = False,
 ) -> CostReport:
     """The cost of ``model`` (real or on the meta device) on ``chip`` per token.
 
@@ -249,7 +253,8 @@ def chip_cost(
     default (every linear layer but the output head).  ``digital``: name patterns kept
     digital on top of that.  Fused MoE experts are analog unless ``digital`` names them.
     ``lora_rank`` > 0 adds digital LoRA adapters to the analog layers matching
-    ``lora_targets`` (all analog linear layers when None).
+    ``lora_targets`` (all analog linear layers when None).  ``analog_head``: the output
+    head analog too (as IBM's AFM code converts it), when no placement is given.
     """
     if isinstance(context, bool) or not isinstance(context, int) or context < 1:
         raise ValueError(f"context={context!r} is invalid: must be a positive int")
@@ -261,7 +266,7 @@ def chip_cost(
     rotary = any("rotary" in type(m).__name__.lower() for m in model.modules())
     ops = {"attention": _attention_ops(config, context, rotary)}
     ops.update(_elementwise_ops(model, mats, config))
-    t = _tally(mats, chip, ops, analog, digital, lora_rank, lora_targets)
+    t = _tally(mats, chip, ops, analog, digital, lora_rank, lora_targets, analog_head)
     chips = max(1, math.ceil(t.crossbars / chip.capacity))
     parallel = chip.cores * chips  # one crossbar of a core computes at a time
     analog_ns = sum(

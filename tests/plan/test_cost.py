@@ -90,6 +90,8 @@ def test_placement_layers_and_patterns_decide_analog_or_digital():
     assert r.digital_ops["digital layers"] == 2 * 640 * 320
     r2 = chip_cost(model, HAND_CHIP, digital=["mlp"], context=16)
     assert r2.crossbars == 12  # attention only
+    r3 = chip_cost(model, HAND_CHIP, analog_head=True, context=16)
+    assert r3.crossbars == 30 + 2 * 1 and r3.digital_ops["output head"] == 0
     with pytest.raises(ValueError, match="did you mean model.layers.0.mlp.down_proj"):
         chip_cost(model, HAND_CHIP, analog=["model.layers.0.mlp.down_prj"])
     with pytest.raises(ValueError, match="context"):

@@ -186,3 +186,28 @@ def test_afm_train_distils_a_student_with_the_placement(model_dir, tmp_path):
     assert saved["placement"] == str(path)
     student = AutoModelForCausalLM.from_pretrained(out)
     assert sorted(afm.analog_layers(student)) == sorted([Q0, DOWN1])
+
+
+def test_lm_eval_tasks_get_disjoint_halves_of_their_documents(model_dir, monkeypatch):
+    import lm_eval.evaluator
+
+    from afm.plan.metrics import make_metrics
+
+    seen = []
+
+    def fake_evaluate(lm, task_dict, limit, samples, **kwargs):
+        seen.append((limit, samples))
+        return {"results": {"toyworld_arith": {"exact_match,answer": 0.25}}}
+
+    monkeypatch.setattr(lm_eval.evaluator, "evaluate", fake_evaluate)
+    model, tok = load_model_spec(ModelSpec(str(model_dir)))
+    selection, held_out = make_metrics(
+        tokenizer=tok, fp_model=model, task="toyworld_arith:0", limit=5
+    )
+    assert selection.name == "toyworld_arith" and selection.score(model) == 0.25
+    held_out.score(model)
+    (limit_a, a), (limit_b, b) = seen
+    assert limit_a is None and limit_b is None
+    a, b = a["toyworld_arith"], b["toyworld_arith"]
+    assert len(a) == len(b) == 5 and all(i % 2 == 0 for i in a) and all(i % 2 for i in b)
+    assert selection.loss(0.25, 0.5) == 25.0
