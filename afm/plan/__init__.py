@@ -15,8 +15,9 @@ See docs/plan.md.
 
 from afm.plan.chips import CHIPS, ChipSpec, get_chip, load_chip
 from afm.plan.cost import CostReport, chip_cost
+from afm.plan.inputs import PlanInputError
 from afm.plan.shapes import Matrix, meta_model, model_matrices
-from afm.plan.units import PlanInputError, Unit, make_units
+from afm.plan.units import Unit, make_units
 
 __all__ = [
     "CHIPS",

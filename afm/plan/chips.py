@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from afm.plan.inputs import PlanInputError, read_yaml_mapping
 from afm.validation import check_bits, check_int, check_real
 
 __all__ = ["CHIPS", "ChipSpec", "get_chip", "load_chip"]
@@ -122,7 +123,7 @@ def get_chip(name: str) -> ChipSpec:
     try:
         return CHIPS[name]
     except KeyError:
-        raise ValueError(f"unknown chip {name!r}; available: {', '.join(CHIPS)}") from None
+        raise PlanInputError(f"unknown chip {name!r}; available: {', '.join(CHIPS)}") from None
 
 
 def load_chip(path: str | Path | None = None, name: str = "hermes") -> ChipSpec:
@@ -131,24 +132,14 @@ def load_chip(path: str | Path | None = None, name: str = "hermes") -> ChipSpec:
     chip = get_chip(name)
     if path is None:
         return chip
-    import yaml
-
     p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"chip file {str(p)!r} does not exist")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ValueError(f"chip file {str(p)!r} is not valid YAML: {err}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"chip file {str(p)!r} must hold a mapping of fields")
-    data = dict(data)
+    data = read_yaml_mapping(p, "chip file")
     if "base" in data:
         chip = get_chip(str(data.pop("base")))
     fields = {f.name for f in dataclasses.fields(ChipSpec)}
     unknown = sorted(set(data) - fields)
     if unknown:
-        raise ValueError(
+        raise PlanInputError(
             f"chip file {str(p)!r}: unknown keys {unknown}; allowed: base, "
             + ", ".join(sorted(fields))
         )

@@ -27,6 +27,7 @@ from afm.evaluate.specs import ModelSpec
 from afm.plan.bench import Bench, calibration_texts
 from afm.plan.chips import load_chip
 from afm.plan.cost import CostReport, chip_cost
+from afm.plan.inputs import PlanInputError
 from afm.plan.metrics import make_metrics
 from afm.plan.placement import Budget, search_placement, verify_placement
 from afm.plan.report import (
@@ -38,7 +39,7 @@ from afm.plan.report import (
 )
 from afm.plan.sensitivity import MODES, SensitivityResult, layer_sensitivity
 from afm.plan.shapes import meta_model
-from afm.plan.units import PlanInputError, make_units
+from afm.plan.units import make_units
 from afm.presets import PRESETS, eval_noise_of, get_preset
 
 __all__ = [

@@ -27,7 +27,7 @@ from torch import nn
 from afm.evaluate.loading import read_texts
 from afm.evaluate.runners import LmEvalRunner, ToyRunner
 from afm.evaluate.specs import TaskSpec, bundled_tasks_dir
-from afm.plan.units import PlanInputError
+from afm.plan.inputs import PlanInputError
 
 __all__ = [
     "KLMetric",

@@ -30,8 +30,9 @@ from afm.analog.noise import NoiseModel
 from afm.evaluate.loop import programmed
 from afm.evaluate.report import mean_std
 from afm.plan.bench import Bench, calibrate
+from afm.plan.inputs import PlanInputError, read_yaml_mapping
 from afm.plan.metrics import Metric
-from afm.plan.units import PlanInputError, Unit, resolve_units
+from afm.plan.units import Unit, resolve_units
 
 __all__ = ["BUDGET_KEYS", "Budget", "PlacementSearch", "search_placement", "verify_placement"]
 
@@ -90,18 +91,9 @@ class Budget:
 
     @classmethod
     def from_file(cls, path: str | Path) -> Budget:
-        import yaml
-
-        p = Path(path)
-        if not p.is_file():
-            raise PlanInputError(f"budget file {str(p)!r} does not exist")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise PlanInputError(f"budget file {str(p)!r} is not valid YAML: {err}") from None
-        if not isinstance(data, dict):
-            raise PlanInputError(f"budget file {str(p)!r} must hold a mapping")
-        return cls.from_mapping(data, f"budget file {str(p)!r}")
+        return cls.from_mapping(
+            read_yaml_mapping(path, "budget file"), f"budget file {str(path)!r}"
+        )
 
     def check(self, metric: Metric) -> None:
         if metric.unit != self.unit:

@@ -15,14 +15,12 @@ from dataclasses import dataclass
 
 from torch import nn
 
-__all__ = ["GRANULARITIES", "PlanInputError", "Unit", "block_of", "make_units", "resolve_units"]
+from afm.plan.inputs import PlanInputError
+
+__all__ = ["GRANULARITIES", "Unit", "block_of", "make_units", "resolve_units"]
 
 GRANULARITIES = ("layers", "blocks")
 _INDEX = re.compile(r"^\d+$")
-
-
-class PlanInputError(ValueError):
-    """Bad input to afm-plan (unknown layer, impossible budget ...); the message names it."""
 
 
 @dataclass(frozen=True)

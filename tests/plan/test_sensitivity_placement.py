@@ -13,10 +13,11 @@ import afm
 from afm.analog.hf import AfmQuantizationConfig
 from afm.analog.noise import get_noise_model
 from afm.plan.bench import Bench, calibrate, calibration_texts
+from afm.plan.inputs import PlanInputError
 from afm.plan.metrics import KLMetric, PerplexityMetric, make_metrics
 from afm.plan.placement import Budget, search_placement
 from afm.plan.sensitivity import SensitivityResult, layer_sensitivity
-from afm.plan.units import PlanInputError, block_of, make_units, resolve_units
+from afm.plan.units import block_of, make_units, resolve_units
 
 SEEDS = [0, 1, 2]
 
