@@ -1,16 +1,17 @@
 """afm-plan: which layers to put on the chip, and what the chip costs.
 
 * ``sensitivity`` — each layer's (or block's) cost on the chip over noise seeds:
-  analog alone, and kept digital while the rest is analog (:func:`layer_sensitivity`
-  on a :class:`~afm.plan.bench.Bench`);
+  analog alone, and kept digital while the rest is analog
+  (``afm.plan.sensitivity.layer_sensitivity`` on an ``afm.plan.bench.Bench``);
 * ``placement`` — the layers to keep digital for an accuracy budget
-  (:class:`Budget`, :func:`search_placement`), written as an afm config that
-  ``afm.convert``, ``afm-eval`` and ``afm-train`` accept, verified on held-out data;
+  (``afm.plan.placement.Budget`` / ``search_placement`` / ``verify_placement``), written
+  as an afm config that ``afm.convert``, ``afm-eval`` and ``afm-train`` accept;
 * ``cost`` — tiles, conversions, digital work, latency and energy per token on a chip
   description (:class:`ChipSpec`, :func:`chip_cost`), from a config on the meta device;
 * ``command`` — the three ``afm-plan`` workflows; ``report`` — markdown and plots.
 
-See docs/plan.md.
+This package imports only the cost side; the measuring side (``bench``,
+``sensitivity``, ``placement``) is imported from its modules.  See docs/plan.md.
 """
 
 from afm.plan.chips import CHIPS, ChipSpec, get_chip, load_chip
