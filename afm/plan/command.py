@@ -54,7 +54,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: what must agree between a saved sweep and a placement run that reuses its ranking
-_SAME_SWEEP = ("model", "preset", "noise", "metric", "data", "units")
+#: (the metric may differ: a smooth KL ranking can order a task placement)
+_SAME_SWEEP = ("model", "preset", "noise", "units")
 
 
 @dataclass(frozen=True)
@@ -278,6 +279,7 @@ def _placement_report(req, setup, meta, budget, ranking, search, verification, f
         "budget": dataclasses.asdict(budget),
         "all_analog_loss": ranking.all_analog_loss,
         "ranking_from": req.sensitivity or "measured in this run",
+        "ranking_metric": f"{ranking.meta.get('metric')} on {ranking.meta.get('data')}",
         "ranking": [u.name for u in ranking.ranked("digital_alone", per_param=True)],
         "n_units": len(setup.units),
         "params": sum(params.values()),

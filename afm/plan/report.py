@@ -141,6 +141,8 @@ def placement_markdown(report: dict[str, Any]) -> str:
         f"- kept digital: {len(report['digital'])} of {report['n_units']} units, "
         f"{report['digital_params']:,} of {report['params']:,} analog-capable parameters "
         f"({100 * report['digital_params'] / max(1, report['params']):.1f} %)",
+        f"- ranking: {report['ranking_from']} ({report['ranking_metric']}), recovery per "
+        "parameter kept digital",
         f"- placement file: `{report['placement_file']}`",
         "",
         "| kept digital | params |",
@@ -193,7 +195,7 @@ def cost_markdown(report: CostReport) -> str:
         f"- chip: {chip.crossbar_rows}×{chip.crossbar_cols} crossbars, {chip.cores} cores × "
         f"{chip.crossbars_per_core} crossbar(s), {chip.dac_bits}-bit DAC / {chip.adc_bits}-bit "
         f"ADC, {chip.mvm_time_ns:g} ns and {chip.mvm_energy_nj:g} nJ per MVM, digital "
-        f"{_si(chip.digital_ops_per_s, 'op/s')} at {chip.digital_energy_pj:g} pJ/op",
+        f"{chip.digital_ops_per_s / 1e12:g} TOPS at {chip.digital_energy_pj:g} pJ/op",
         f"- chip source: {chip.source}",
         f"- per token at context {report.context}"
         + (f", LoRA rank {report.lora_rank}" if report.lora_rank else ""),

@@ -102,8 +102,9 @@ def load_config(name_or_path: str) -> tuple[Any, str]:
             raise ValueError(f"model config {key!r} has no 'model_type'")
         return AutoConfig.from_pretrained(str(path)), str(path)
     resolved = resolve_model(key)
+    source = "afm's bundled tiny teacher (afm/assets/tiny)" if key.lower() == "tiny" else resolved
     try:
-        return AutoConfig.from_pretrained(resolved), resolved
+        return AutoConfig.from_pretrained(resolved), source
     except (OSError, ValueError) as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise ValueError(

@@ -67,6 +67,18 @@ def test_place_writes_a_placement_afm_eval_reproduces(
     assert "budget **met**" in (out / "place.md").read_text()
 
 
+def test_a_kl_ranking_can_order_a_placement_on_another_metric(
+    sweep_dir, sensitive_dir, texts_file, tmp_path
+):
+    out = tmp_path / "ppl"
+    args = ["place", *_common(sensitive_dir, texts_file, out), "--metric", "ppl"]
+    args += ["--max-ppl-increase", "1000", "--sensitivity", str(sweep_dir / "sensitivity.json")]
+    assert plan_cli.main(args) == 0
+    report = json.loads((out / "place.json").read_text())
+    assert report["meta"]["metric"] == "ppl" and report["ranking_metric"].startswith("kl on")
+    assert report["digital"] == [] and report["verification"]["passed"]  # a loose budget
+
+
 def test_place_exits_1_and_marks_the_file_unverified_when_held_out_fails(
     sweep_dir, sensitive_dir, texts_file, tmp_path, monkeypatch, capsys
 ):
