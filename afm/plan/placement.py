@@ -151,52 +151,46 @@ def search_placement(
     bar = tqdm(desc="placement search", unit="state", disable=not progress)
     steps: list[dict[str, Any]] = []
 
-    def measure(dig: set[str], action: str, unit: str | None) -> float:
+    def measure(dig: set[str], action: str, unit: str | None) -> list[float]:
         losses = _measure(bench, units, dig, metric, noise, seeds, fp)
         mean, std = mean_std(losses)
-        steps.append(
-            {
-                "action": action,
-                "unit": unit,
-                "digital": len(dig),
-                "loss": mean,
-                "std": std,
-                "losses": losses,
-            }
-        )
+        step = {"action": action, "unit": unit, "digital": len(dig), "loss": mean, "std": std}
+        steps.append({**step, "losses": losses})
         bar.update(1)
         bar.set_postfix_str(f"{len(dig)} digital, loss {mean:.3g} {metric.unit}")
-        return mean
+        return losses
+
+    def meets(losses: list[float]) -> bool:
+        return mean_std(losses)[0] <= budget.max_loss
 
     if forced:
         best = measure(names - forced, "all digital but keep_analog", None)
-        if best > budget.max_loss:
+        if not meets(best):
             raise PlanInputError(
                 f"impossible budget: with every unit digital except keep_analog the loss is "
-                f"{best:.3g} {metric.unit} > {budget.key}={budget.max_loss}"
+                f"{mean_std(best)[0]:.3g} {metric.unit} > {budget.key}={budget.max_loss}"
             )
-    loss = measure(digital, "start", None)
+    losses = measure(digital, "start", None)
     order = [n for n in ranking if n in names and n not in digital and n not in forced]
     added: list[str] = []
-    while loss > budget.max_loss and order:
+    while not meets(losses) and order:
         added.append(order.pop(0))
         digital.add(added[-1])
-        loss = measure(digital, "keep digital", added[-1])
-    if loss > budget.max_loss:  # defensive: all digital (FP) meets any budget >= 0
+        losses = measure(digital, "keep digital", added[-1])
+    if not meets(losses):  # defensive: all digital (FP) meets any budget >= 0
         raise PlanInputError(f"impossible budget: {budget.key}={budget.max_loss} is not met")
     for unit in reversed(added[:-1]):  # without the last one the budget was not met
-        trial = digital - {unit}
-        if measure(trial, "analog again", unit) <= budget.max_loss:
-            digital = trial
+        trial = measure(digital - {unit}, "analog again", unit)
+        if meets(trial):
+            digital, losses = digital - {unit}, trial
     bar.close()
     if digital >= names:
         raise PlanInputError(
             f"impossible budget: {budget.key}={budget.max_loss} is met only with every "
             "layer digital (nothing left for the chip)"
         )
-    final = _measure(bench, units, digital, metric, noise, seeds, fp)
     analog = [n for u in units if u.name not in digital for n in u.layers]
-    return PlacementSearch([u.name for u in units if u.name in digital], analog, final, steps)
+    return PlacementSearch([u.name for u in units if u.name in digital], analog, losses, steps)
 
 
 def verify_placement(
