@@ -22,7 +22,7 @@ from afm.analog.layers import analog_layers
 from afm.evaluate.specs import EvalInputError, ModelSpec
 from afm.export.rtn import rtn_w4
 from afm.models import ModelNotFoundError, load_model, load_tokenizer, resolve_model
-from afm.presets import PRESETS, get_preset
+from afm.presets import PRESETS, analog_head_of, get_preset
 from afm.toyworld.world import training_documents
 
 __all__ = ["DTYPES", "check_model_spec", "load_model_spec", "read_texts"]
@@ -85,10 +85,22 @@ def check_model_spec(spec: ModelSpec) -> None:
         raise EvalInputError(f"dtype={spec.dtype!r}: choose one of {sorted(DTYPES)}")
     if spec.preset is not None and spec.placement is not None:
         raise EvalInputError(f"model spec {spec.name!r}: give preset or placement, not both")
+    if spec.placement is not None and spec.head is not None:
+        raise EvalInputError(
+            f"model spec {spec.name!r}: head= does not apply to placement= (the placement "
+            "file lists the output head among its analog layers or not)"
+        )
     if spec.placement is not None:
         _placement(spec)
     if spec.preset is not None and spec.preset not in PRESETS:
         raise EvalInputError(f"unknown preset {spec.preset!r}; available: {', '.join(PRESETS)}")
+    if spec.head is not None and spec.head not in ("analog", "digital"):
+        raise EvalInputError(f"head={spec.head!r}: choose 'analog' or 'digital'")
+    if spec.head is not None and spec.preset is None:
+        raise EvalInputError(
+            f"head={spec.head!r} needs preset=...: the head policy applies to an on-the-fly "
+            "conversion (a checkpoint keeps its own head, a plain model has no chip)"
+        )
     if spec.calib not in ("toyworld", "none") and not Path(spec.calib).is_file():
         raise EvalInputError(
             f"calibration data {spec.calib!r} is neither 'toyworld', 'none' nor a file"
@@ -123,12 +135,19 @@ def load_model_spec(spec: ModelSpec, device: str | torch.device = "cpu") -> tupl
             model = rtn_w4(model, group_size=spec.group_size) or model
         except ValueError as err:
             raise EvalInputError(f"rtn_w4: {err}") from None
-    if spec.preset is not None or spec.placement is not None:
-        try:
-            config = _placement(spec) if spec.placement else get_preset(str(spec.preset))
-            convert(model, config)
+    if spec.placement is not None:
+        try:  # the placement lists the analog layers (the head among them or not)
+            convert(model, _placement(spec))
         except ValueError as err:
             raise EvalInputError(str(err)) from None
+    elif spec.preset is not None:
+        try:
+            config = get_preset(spec.preset)
+        except ValueError as err:
+            raise EvalInputError(str(err)) from None
+        head = analog_head_of(spec.preset) if spec.head is None else spec.head == "analog"
+        convert(model, config, convert_lm_head=head)  # deployment noise follows (spec §7)
+    if spec.preset is not None or spec.placement is not None:
         uses_range = any(m.analog_config.input.uses_range for m in analog_layers(model).values())
         if uses_range and spec.calib.lower() != "none":
             _calibrate(model, tokenizer, spec)

@@ -85,6 +85,9 @@ class ModelSpec:
         placement: convert a plain model on the fly with an afm config file instead: a
             placement written by ``afm-plan place`` (only its layers become analog, the
             rest stays digital and sees no device noise) or an afm checkpoint's config.json.
+        head: the output head's policy with ``preset`` (spec §7): ``"analog"`` (converted,
+            programmed with the deployment noise) or ``"digital"`` (noise-free); None:
+            the preset's (``afm.presets.analog_head_of``).  A checkpoint keeps its own.
     """
 
     path: str
@@ -96,6 +99,7 @@ class ModelSpec:
     calib_steps: int = 16
     dtype: str = "float32"
     placement: str | None = None
+    head: str | None = None
 
     @property
     def name(self) -> str:
@@ -138,7 +142,7 @@ class ModelSpec:
                 kwargs[key] = (
                     None if kwargs[key].lower() == "none" else as_int(key, kwargs[key], minimum=1)
                 )
-        for key in ("preset", "placement"):
+        for key in ("preset", "placement", "head"):
             if kwargs.get(key, "").lower() in ("", "none"):
                 kwargs.pop(key, None)
         return cls(**kwargs)

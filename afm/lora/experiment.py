@@ -27,6 +27,7 @@ from afm.evaluate.report import mean_std
 from afm.lora.model import attach_lora, load_analog_base, trainable_report
 from afm.lora.train import completion_loss, train_adapter
 from afm.models import load_tokenizer, resolve_model
+from afm.presets import eval_noise_of, preset_of
 from afm.toyworld import lora_tasks
 
 __all__ = [
@@ -86,10 +87,13 @@ class LoraExperiment:
     seed: int = 0
     no_train_noise: bool = False
     calib_steps: int = 20
-    noise: str = "pcm"
+    noise: str | None = None
+    """None: the preset's evaluation noise (``afm.presets.eval_noise_of``)."""
     noise_scale: float = 1.0
-    drift_times: str = "0s,1h,1d,1y"
-    noise_seeds: int = 3
+    drift_times: str | None = None
+    """None: the preset's drift times (pcm-drift: ``0s,1h,1d,1y`` if it has none)."""
+    noise_seeds: int | None = None
+    """None: the preset's repetitions (``Preset.eval_seeds``)."""
     eval_n: int | None = None
     device: str = "cpu"
     threads: int | None = None
@@ -107,7 +111,7 @@ class LoraExperiment:
             raise ValueError(f"--lr {self.lr} is invalid: must be > 0")
         if self.batch_size < 1:
             raise ValueError(f"--batch-size {self.batch_size} is invalid: must be >= 1")
-        if self.noise_seeds < 1:
+        if self.noise_seeds is not None and self.noise_seeds < 1:
             raise ValueError(f"--noise-seeds {self.noise_seeds} is invalid: must be >= 1")
 
 
@@ -128,18 +132,28 @@ def _task(exp: LoraExperiment) -> tuple[Any, list[tuple[str, str]] | None]:
 
 
 def _noise_models(exp: LoraExperiment) -> list[tuple[str, NoiseModel | None]]:
+    """``no noise`` and the deployment noise (one model per drift time): ``--noise`` or,
+    by default, the preset's evaluation protocol (``ahwa-lora``: aihwkit PCM drift)."""
     out: list[tuple[str, NoiseModel | None]] = [("no noise", None)]
     if exp.noise == "none":
         return out
-    if exp.noise == "pcm-drift":
-        for t in exp.drift_times.split(","):
+    spec: dict[str, Any] = {"name": exp.noise} if exp.noise else eval_noise_of(exp.preset)
+    spec["scale"] = exp.noise_scale
+    name = spec.pop("name")
+    if name == "pcm-drift":
+        times = exp.drift_times or ",".join(preset_of(exp.preset).eval_drift_times)
+        for t in (times or "0s,1h,1d,1y").split(","):
             secs = parse_duration(t.strip())
-            nm = get_noise_model("pcm-drift", t_inference=secs, scale=exp.noise_scale)
+            nm = get_noise_model(name, **{**spec, "t_inference": secs})
             out.append((f"pcm-drift t={t.strip()}", nm))
     else:
-        nm = get_noise_model(exp.noise, scale=exp.noise_scale)
+        nm = get_noise_model(name, **spec)
         out.append((nm.label, nm))
     return out
+
+
+def _noise_seeds(exp: LoraExperiment) -> int:
+    return exp.noise_seeds or preset_of(exp.preset).eval_seeds
 
 
 def _check_base(exp: LoraExperiment) -> str:
@@ -219,7 +233,7 @@ def run_lora_experiment(exp: LoraExperiment) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     peft_model.save_pretrained(out)
     metric, evaluate = _evaluation(exp, task, tokenizer, eval_pairs)
-    seeds = list(range(exp.noise_seeds))
+    seeds = list(range(_noise_seeds(exp)))
     rows = []
     with torch.no_grad():  # scoped: also called in-process (tests, notebooks)
         for label, nm in noise_models:
@@ -240,6 +254,7 @@ def run_lora_experiment(exp: LoraExperiment) -> dict[str, Any]:
         "batch_size": exp.batch_size,
         "seed": exp.seed,
         "train_noise": not exp.no_train_noise,
+        "noise_seeds": len(seeds),
         "trainable": report.trainable,
         "total": report.total,
         "trainable_pct": report.pct,

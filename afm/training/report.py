@@ -29,6 +29,7 @@ from afm.analog.convert import convert
 from afm.analog.hf import AfmQuantizationConfig
 from afm.analog.layers import analog_layers
 from afm.analog.noise import NoiseModel, get_noise_model
+from afm.analog.select import output_head_names
 from afm.config import AnalogConfig
 from afm.evaluate.loop import scores_under_noise
 from afm.models import resolve_model
@@ -88,13 +89,23 @@ def analog_teacher(
     teacher: nn.Module,
     preset: str | AnalogConfig,
     calibration: Sequence[dict[str, torch.Tensor]],
+    analog_head: bool = False,
     layers: Sequence[str] | None = None,
 ) -> nn.Module:
     """A copy of the teacher on the chip ``preset``, input ranges calibrated (no training);
-    ``layers``: only these become analog (a placement), the others stay digital."""
+    with ``analog_head`` its output head is analog (and noisy) too.  ``layers``: only these
+    become analog (a placement; it lists the head exactly when ``analog_head``)."""
     model = copy.deepcopy(teacher)
     chip = _chip(preset)
-    convert(model, chip if layers is None else AfmQuantizationConfig(chip, modules=list(layers)))
+    if layers is None:
+        convert(model, chip, convert_lm_head=analog_head)
+    else:
+        if analog_head != bool(set(layers) & output_head_names(model)):
+            raise ValueError(
+                f"analog_teacher: analog_head={analog_head} but the placement "
+                f"{'leaves the head digital' if analog_head else 'lists the output head'}"
+            )
+        convert(model, AfmQuantizationConfig(chip, modules=list(layers)))
     calibrate_input_ranges_(model, calibration, max_steps=len(calibration), progress=False)
     return model.eval()
 
@@ -123,14 +134,17 @@ def before_after(
     n_per_kind: int = 25,
     facts: bool = True,
     curve_scales: Sequence[float] = (),
+    analog_head: bool = False,
     layers: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """Accuracies of the three conditions (module docstring); ``curve`` adds noise scales;
-    ``layers``: the analog layers of a placement (the teacher baseline gets the same)."""
+    """Accuracies of the three conditions (module docstring); ``curve`` adds noise scales.
+    ``analog_head``: the analog teacher's head is analog too (the student's is as trained);
+    deployment noise reaches a head exactly when it is analog.  ``layers``: the analog
+    layers of a placement (the teacher baseline gets the same)."""
     tasks = ToyTasks(n_per_kind, facts)
     seed_list = list(range(seeds))
     t_fp = {k: _stats([v]) for k, v in tasks(teacher.eval(), tokenizer).items()}
-    t_an = analog_teacher(teacher, preset, calibration, layers)
+    t_an = analog_teacher(teacher, preset, calibration, analog_head, layers)
     s_an = on_chip(student, preset)
     spec = dict(noise) if isinstance(noise, dict) else {"name": noise}
     if noise_scale is not None:
@@ -139,6 +153,7 @@ def before_after(
     model = get_noise_model(name, **spec)
     result: dict[str, Any] = {
         "chip": chip_name or (preset if isinstance(preset, str) else "custom"),
+        "head": "analog" if analog_head else "digital",
         "noise": model.to_dict(),
         "seeds": seed_list,
         "n_arith": len(tasks.arith),
@@ -183,7 +198,8 @@ def format_table(result: dict[str, Any]) -> str:
     widths = [max(len(str(x[i])) for x in [head, *body]) for i in range(len(head))]
     noise = result["noise"]
     lines = [
-        f"chip {result['chip']}, noise {noise.get('name')} scale {noise.get('scale')}, "
+        f"chip {result['chip']}, head {result.get('head', 'digital')}, "
+        f"noise {noise.get('name')} scale {noise.get('scale')}, "
         f"{len(result['seeds'])} noise seeds, {result['n_arith']} arithmetic problems, "
         f"{result['n_facts']} fact questions",
         "  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)),

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from afm.analog.layers import analog_layers
+from afm.analog.select import output_head_names
 from afm.models import load_model, load_tokenizer, resolve_model
 from afm.training.batches import BatchOrder
 from afm.training.data import DataError, generate_synthetic_data
@@ -146,6 +148,7 @@ def _evaluate(cfg: RunConfig, teacher, student, tokenizer, dataset, pad_id: int)
         calib,
         preset=cfg.eval_chip(),
         chip_name=cfg.eval_chip_name,
+        analog_head=bool(set(analog_layers(student)) & output_head_names(student)),
         layers=placement.modules if placement is not None else None,
         noise=cfg.eval_noise(),
         seeds=cfg.eval.seeds,
@@ -189,7 +192,11 @@ def run_training(cfg: RunConfig, *, progress: bool = True) -> RunOutcome:
     acc.wait_for_everyone()
     teacher.to(acc.device)
     dataset = _data(cfg, acc, teacher, tokenizer, resuming, progress)
-    student = make_student(teacher, cfg.student_placement() or cfg.student_chip())
+    placement = cfg.student_placement()
+    if placement is not None:  # the placement lists the output head or not
+        student = make_student(teacher, placement)
+    else:
+        student = make_student(teacher, cfg.student_chip(), convert_lm_head=cfg.head_is_analog())
     result = distill(
         teacher,
         student,
