@@ -35,6 +35,11 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--preset", default="afm-paper", help="chip preset (afm.PRESETS)")
     g.add_argument("--noise", help="deployment noise (default: the preset's; 'none': off)")
     g.add_argument("--noise-scale", type=float, help="noise scale (default: the preset's)")
+    g.add_argument(
+        "--head",
+        choices=("analog", "digital"),
+        help="output head: a unit like any layer, or always digital (default: the preset's)",
+    )
     g.add_argument("--task", help="toyworld_arith, toyworld_facts or an lm-eval task")
     g.add_argument("--texts", help="a text set instead: 'toyworld' or a file (one per line)")
     g.add_argument("--metric", default="kl", choices=("kl", "ppl"), help="metric of --texts")

@@ -1,12 +1,13 @@
 """A model on the chip layer by layer: switch any set of layers analog, score it.
 
-:class:`Bench` converts a copy of the model once (``afm.convert``: every linear layer
-but the output head) and keeps each layer twice, as its ``AnalogLinear`` and as the
-``nn.Linear`` sharing the same weight.  :meth:`Bench.set_state` puts the analog
-version of the chosen layers in place, the digital one elsewhere, and calibrates the
-input ranges for that state (as ``afm-eval`` does after converting with a placement),
-so a state is exactly ``afm.convert(model, placement)`` + calibration.  Scores under
-deployment noise go through ``afm.evaluate.loop.programmed`` on the analog layers only.
+:class:`Bench` converts a copy of the model once (``afm.convert``: every linear layer,
+the output head too when ``analog_head``, the preset's head policy) and keeps each
+layer twice, as its ``AnalogLinear`` and as the ``nn.Linear`` sharing the same weight.
+:meth:`Bench.set_state` puts the analog version of the chosen layers in place, the
+digital one elsewhere, and calibrates the input ranges for that state (as ``afm-eval``
+does after converting with a placement), so a state is exactly
+``afm.convert(model, placement)`` + calibration.  Scores under deployment noise go
+through ``afm.evaluate.loop.programmed`` on the analog layers only.
 """
 
 from __future__ import annotations
@@ -77,10 +78,11 @@ class Bench:
         *,
         calib_batch_size: int = CALIBRATION["batch_size"],
         max_length: int = CALIBRATION["max_length"],
+        analog_head: bool = False,
     ) -> None:
         if not calibration:
             raise ValueError("the bench needs calibration texts for the input ranges")
-        self.model = convert(copy.deepcopy(model).eval(), chip)
+        self.model = convert(copy.deepcopy(model).eval(), chip, convert_lm_head=analog_head)
         self.tokenizer = tokenizer
         self.chip = chip
         self.calibration = list(calibration)

@@ -40,7 +40,7 @@ from afm.plan.report import (
 from afm.plan.sensitivity import MODES, SensitivityResult, layer_sensitivity
 from afm.plan.shapes import meta_model
 from afm.plan.units import make_units
-from afm.presets import PRESETS, eval_noise_of, get_preset
+from afm.presets import PRESETS, analog_head_of, eval_noise_of, get_preset
 
 __all__ = [
     "CostRequest",
@@ -55,7 +55,7 @@ logger = logging.getLogger(__name__)
 
 #: what must agree between a saved sweep and a placement run that reuses its ranking
 #: (the metric may differ: a smooth KL ranking can order a task placement)
-_SAME_SWEEP = ("model", "preset", "noise", "units")
+_SAME_SWEEP = ("model", "preset", "head", "noise", "units")
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,10 @@ class SweepRequest:
     noise: str | None = None
     """Deployment noise (``afm.analog.noise`` name); None: the preset's; ``"none"``: off."""
     noise_scale: float | None = None
+    head: str | None = None
+    """The output head: ``"analog"`` (an analog-capable unit like any layer) or
+    ``"digital"`` (always digital, noise-free); None: the preset's policy
+    (``afm.presets.analog_head_of``), as ``afm-eval --model path=...,preset=...`` does."""
     task: str | None = None
     texts: str | None = None
     metric: str = "kl"
@@ -131,6 +135,8 @@ def _noise(req: SweepRequest) -> NoiseModel | None:
 def _check(req: SweepRequest) -> None:
     if req.preset not in PRESETS:
         raise PlanInputError(f"unknown preset {req.preset!r}; available: {', '.join(PRESETS)}")
+    if req.head not in (None, "analog", "digital"):
+        raise PlanInputError(f"head={req.head!r} is invalid: choose 'analog' or 'digital'")
     if isinstance(req.seeds, bool) or not isinstance(req.seeds, int) or req.seeds < 1:
         raise PlanInputError(f"seeds={req.seeds!r} is invalid: must be a positive int")
     if req.limit is not None and req.limit < 1:
@@ -157,7 +163,8 @@ def _setup(req: SweepRequest) -> _Setup:
     noise = _noise(req)
     model, tokenizer = load_model_spec(ModelSpec(req.model))
     calibration = calibration_texts(req.calib)
-    bench = Bench(model, tokenizer, get_preset(req.preset), calibration)
+    analog_head = analog_head_of(req.preset) if req.head is None else req.head == "analog"
+    bench = Bench(model, tokenizer, get_preset(req.preset), calibration, analog_head=analog_head)
     units = make_units(bench.layers, req.units)
     selection, held_out = make_metrics(
         tokenizer=tokenizer, fp_model=model, task=req.task, texts=req.texts,
@@ -167,6 +174,7 @@ def _setup(req: SweepRequest) -> _Setup:
     meta = {
         "model": req.model,
         "preset": req.preset,
+        "head": "analog" if analog_head else "digital",
         "noise": noise.to_dict() if noise is not None else None,
         "data": data + (f", {req.limit} documents per half" if req.limit else ""),
         "units": req.units,

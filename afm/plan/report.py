@@ -46,7 +46,8 @@ def _header(meta: dict[str, Any]) -> list[str]:
         else (f"deployment noise {noise.get('name')} scale {noise.get('scale', 1)}")
     )
     return [
-        f"model `{meta.get('model')}`, chip preset `{meta.get('preset')}`, {noise_text}",
+        f"model `{meta.get('model')}`, chip preset `{meta.get('preset')}` (output head "
+        f"{meta.get('head', '?')}), {noise_text}",
         f"metric `{meta.get('metric')}` on {meta.get('data', '?')}; loss = {meta.get('loss_unit')} "
         f"worse than FP; noise seeds {meta.get('seeds')}",
     ]

@@ -24,9 +24,10 @@ def sweep_dir(tmp_path_factory, sensitive_dir, texts_file):
 
 
 def _common(model_dir, texts_file, out):
-    # the short texts calibrate too (quick); afm-eval's calib= takes the same file
+    # the short texts calibrate too (quick); afm-eval's calib= takes the same file; the
+    # head stays digital (afm-paper's policy is analog) so that one fragile layer decides
     args = ["--model", model_dir, "--texts", texts_file, "--calib", texts_file, "--limit", "8"]
-    return [*args, "--out", str(out), "--quiet"]
+    return [*args, "--head", "digital", "--out", str(out), "--quiet"]
 
 
 def test_sensitivity_writes_the_ranked_table_json_and_plot(sweep_dir, sensitive_layer):
@@ -79,6 +80,22 @@ def test_a_kl_ranking_can_order_a_placement_on_another_metric(
     assert report["digital"] == [] and report["verification"]["passed"]  # a loose budget
 
 
+def test_the_preset_s_analog_head_is_a_unit_like_any_layer(
+    sensitive_dir, texts_file, sensitive_layer, tmp_path
+):
+    out = tmp_path / "head"
+    args = ["place", "--model", sensitive_dir, "--texts", texts_file, "--calib", texts_file]
+    args += ["--limit", "8", "--seeds", "2", "--max-kl", "0.02", "--out", str(out), "--quiet"]
+    assert plan_cli.main(args) == 0
+    report = json.loads((out / "place.json").read_text())
+    assert report["meta"]["head"] == "analog" and report["n_units"] == 8  # afm-paper's policy
+    assert "lm_head" in report["ranking"] and report["verification"]["passed"]
+    placement = read_quantization_config(out / "placement.json")
+    assert ("lm_head" in placement.modules) != ("lm_head" in report["digital"])
+    assert sensitive_layer in report["digital"]
+    assert "(output head analog)" in (out / "place.md").read_text()
+
+
 def test_place_exits_1_and_marks_the_file_unverified_when_held_out_fails(
     sweep_dir, sensitive_dir, texts_file, tmp_path, monkeypatch, capsys
 ):
@@ -125,6 +142,11 @@ def test_bad_input_is_one_line_with_exit_2(sweep_dir, sensitive_dir, texts_file,
             ["place", *common, "--max-kl", "0.02", "--preset", "tiny-stress",
              "--sensitivity", str(sweep_dir / "sensitivity.json")],
             "was measured with preset='afm-paper'",
+        ),
+        (
+            ["place", *common, "--max-kl", "0.02", "--head", "analog",
+             "--sensitivity", str(sweep_dir / "sensitivity.json")],
+            "was measured with head='digital'",
         ),
         (["sensitivity", *common, "--task", "toyworld_arith"], "not both or none"),
         (["sensitivity", *common, "--preset", "nope"], "unknown preset"),

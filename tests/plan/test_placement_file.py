@@ -55,7 +55,7 @@ def test_convert_with_a_placement_can_make_the_tied_head_analog(tiny_model):
     [
         (["model.layers.0.self_attn.nope"], {}, "does not have"),
         (["model.norm"], {}, "not a linear layer"),
-        ([Q0], {DOWN1: {}}, "overrides for layers it does not list"),
+        ([Q0], {DOWN1: "ideal"}, "overrides for layers it does not list"),
     ],
 )
 def test_convert_refuses_a_placement_naming_what_the_model_lacks(
@@ -68,7 +68,9 @@ def test_convert_refuses_a_placement_naming_what_the_model_lacks(
 
 def test_convert_with_a_placement_takes_no_other_selection(tiny_model):
     with pytest.raises(ValueError, match="converts exactly its modules"):
-        afm.convert(tiny_model("llama"), AfmQuantizationConfig(modules=[Q0]), exclude=["mlp"])
+        afm.convert(
+            tiny_model("llama"), AfmQuantizationConfig("afm-paper", modules=[Q0]), exclude=["mlp"]
+        )
 
 
 def test_read_quantization_config_reads_placements_and_checkpoints(tiny_model, tmp_path):

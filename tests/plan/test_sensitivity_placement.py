@@ -56,6 +56,27 @@ def test_a_bench_state_is_exactly_afm_convert_with_that_placement(setup):
     assert not afm.analog_layers(model)  # the caller's model is untouched
 
 
+def test_a_bench_with_the_analog_head_matches_afm_convert_listing_the_head(setup, toy_llama):
+    _, tok, _, _, _ = setup
+    model, _ = toy_llama(max_positions=128, tie=True)  # the head shares the embedding
+    emb = model.get_input_embeddings().weight.detach().clone()
+    bench = Bench(model, tok, afm.get_preset("afm-paper"), calibration_texts(steps=1),
+                  analog_head=True)  # fmt: skip
+    assert "lm_head" in bench.layers
+    ids = tok(["Anna walked to the market"], return_tensors="pt").input_ids
+    for state in (["lm_head", "model.layers.0.mlp.up_proj"], ["model.layers.0.mlp.up_proj"]):
+        bench.set_state(state)
+        with torch.no_grad():
+            got = bench.model(ids).logits
+        fresh = afm.convert(copy.deepcopy(model), AfmQuantizationConfig("afm-paper", modules=state))
+        calibrate(fresh, tok, bench.calibration)
+        assert ("lm_head" in afm.analog_layers(fresh)) == ("lm_head" in state)
+        with torch.no_grad():
+            assert torch.equal(got, fresh.eval()(ids).logits), state
+    assert torch.equal(model.get_input_embeddings().weight, emb)  # the caller's tie kept
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+
+
 def test_sensitivity_ranks_the_fragile_layer_first_in_both_modes(sweep, sensitive_layer):
     units, result = sweep
     assert len(units) == 7 and result.meta["seeds"] == SEEDS
