@@ -21,7 +21,7 @@ from torch import nn
 from afm.analog.calibration import calibrate_on_texts
 from afm.analog.convert import convert
 from afm.analog.layers import AnalogLinear, analog_layers
-from afm.analog.noise import NoiseModel
+from afm.analog.noise import NoiseModel, seeded_read_noise
 from afm.analog.select import set_module
 from afm.config import AnalogConfig
 from afm.evaluate.loading import read_texts
@@ -29,7 +29,7 @@ from afm.evaluate.loop import programmed
 from afm.plan.metrics import Metric
 from afm.toyworld.world import training_documents
 
-__all__ = ["CALIBRATION", "Bench", "calibrate", "calibration_texts"]
+__all__ = ["CALIBRATION", "Bench", "calibrate", "calibration_texts", "scores_on_chip"]
 
 #: input-range calibration as ``afm-eval`` does it after an on-the-fly conversion
 #: (``afm.evaluate.loading``: 16 batches of 8 documents, right padding, <= 512 tokens)
@@ -128,12 +128,26 @@ class Bench:
         seeds: Sequence[int],
     ) -> list[float]:
         """``metric.score`` with ``analog`` analog, once per noise seed (one programmed
-        chip each; a state without analog layers or without noise is scored once and
-        repeated, it is deterministic)."""
+        chip each, :func:`scores_on_chip`); the all-digital state is the FP model,
+        scored once and repeated."""
         self.set_state(analog)
-        if not self.state or noise is None:
+        if not self.state:
             return [metric.score(self.model)] * len(seeds)
+        return scores_on_chip(self.model, metric, noise, seeds)
+
+
+def scores_on_chip(
+    model: nn.Module, metric: Metric, noise: NoiseModel | None, seeds: Sequence[int]
+) -> list[float]:
+    """``metric.score`` once per seed: the analog layers programmed with that seed, or,
+    without programming noise, their eval-time output noise seeded from it (a chip
+    that keeps output noise at eval, ``ahwa-lora``, is not deterministic otherwise)."""
+    if noise is not None:
         return [
-            metric.score(self.model)
-            for _ in programmed(self.model, noise, list(seeds), only_analog=True)
+            metric.score(model) for _ in programmed(model, noise, list(seeds), only_analog=True)
         ]
+    scores = []
+    for seed in seeds:
+        with seeded_read_noise(model, int(seed)):
+            scores.append(metric.score(model))
+    return scores

@@ -27,9 +27,8 @@ from tqdm.auto import tqdm
 from afm.analog.convert import convert
 from afm.analog.hf import read_quantization_config
 from afm.analog.noise import NoiseModel
-from afm.evaluate.loop import programmed
 from afm.evaluate.report import mean_std
-from afm.plan.bench import Bench, calibrate
+from afm.plan.bench import Bench, calibrate, scores_on_chip
 from afm.plan.inputs import PlanInputError, read_yaml_mapping
 from afm.plan.metrics import Metric
 from afm.plan.units import Unit, resolve_units
@@ -210,12 +209,7 @@ def verify_placement(
     convert(model, read_quantization_config(placement_file))
     calibrate(model, tokenizer, calibration, **calib)
     fp_score = metric.score(fp_model.eval())
-    if noise is None:
-        scores = [metric.score(model)] * len(seeds)
-    else:
-        scores = [
-            metric.score(model) for _ in programmed(model, noise, list(seeds), only_analog=True)
-        ]
+    scores = scores_on_chip(model, metric, noise, seeds)
     losses = [metric.loss(s, fp_score) for s in scores]
     mean, std = mean_std(losses)
     return {

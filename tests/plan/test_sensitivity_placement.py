@@ -178,3 +178,13 @@ def test_text_metrics_are_zero_for_the_fp_model_and_split_the_documents(setup, t
     assert fp > 1.0 and ppl.loss(fp, fp) == 0.0 and ppl.loss(1.1 * fp, fp) == pytest.approx(10.0)
     with pytest.raises(PlanInputError, match="not both or none"):
         make_metrics(tokenizer=tok, fp_model=model, task="toyworld_arith", texts=texts_file)
+
+
+def test_without_programming_noise_a_chip_s_eval_output_noise_is_seeded(setup):
+    model, tok, _, selection, _ = setup
+    bench = Bench(model, tok, afm.get_preset("ahwa-lora"), calibration_texts(steps=1))
+    layers = list(bench.layers)
+    first = bench.scores(layers, selection, None, [0, 1])
+    assert first == bench.scores(layers, selection, None, [0, 1])  # reproducible
+    assert first[0] != first[1]  # ahwa-lora keeps output noise at eval: one chip per seed
+    assert bench.scores((), selection, None, [0, 1]) == [0.0, 0.0]  # all digital: FP
