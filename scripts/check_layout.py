@@ -9,7 +9,7 @@ Reads the sources (nothing is imported or run) of ``afm/`` and ``triton_kernels/
 * a private name imported across modules (``from afm.x import _helper``);
 * a library module importing the ``afm`` facade (``import afm``, ``from afm import
   convert``) or one of the old-path aliases kept for users (``afm.layers`` ...);
-* an import against the layer order (cli → training / lora → evaluate → export →
+* an import against the layer order (cli → training / lora / plan → evaluate → export →
   analog → kernels → reference → config; see ``LAYERS``);
 * a module-level ``__getattr__`` (lazy re-exports that hide cycles);
 * a module over ``MAX_LINES`` lines.
@@ -49,6 +49,7 @@ LAYERS: dict[str, int] = {
     "afm.evaluate": 7,
     "afm.training": 8,
     "afm.lora": 8,
+    "afm.plan": 8,
     "afm.cli": 9,
 }
 

@@ -19,7 +19,11 @@ from torch import nn
 
 from afm.analog.coverage import coverage
 from afm.analog.experts import AnalogExperts
-from afm.analog.hf import attach_quantization_config, is_afm_checkpoint_config
+from afm.analog.hf import (
+    AfmQuantizationConfig,
+    attach_quantization_config,
+    is_afm_checkpoint_config,
+)
 from afm.analog.layers import AnalogLinear, analog_layers
 from afm.analog.select import (
     Selector,
@@ -107,6 +111,17 @@ def _layer_configs(
     return configs
 
 
+def _refuse_analog(model: nn.Module) -> None:
+    existing = analog_layers(model)
+    if existing:
+        raise AlreadyAnalogError(
+            f"afm.convert: the model already has {len(existing)} analog layers (e.g. "
+            f"{next(iter(existing))!r}); converting again would leave them on their old "
+            "chip. To put them on a new chip call afm.set_chip(model, config, include=..., "
+            "overrides=...); to start over from the digital model call afm.revert(model) first"
+        )
+
+
 def _refuse_foreign_quantization(model: nn.Module) -> None:
     hf_config = getattr(model, "config", None)
     qc = getattr(hf_config, "quantization_config", None)
@@ -126,7 +141,7 @@ def _has_hf_config(model: nn.Module) -> bool:
 
 def convert(
     model: nn.Module,
-    config: AnalogConfig,
+    config: AnalogConfig | AfmQuantizationConfig,
     *,
     include: Selector = None,
     exclude: Selector = None,
@@ -140,8 +155,12 @@ def convert(
     Args:
         model: any torch module, typically a HF causal LM, without analog layers (to
             change the chip of an analog model use :func:`set_chip`).
-        config: the hardware model for every converted layer.
-        include: names / regexes of layers to convert (default: all linear maps).
+        config: the hardware model for every converted layer; or an afm
+            ``AfmQuantizationConfig`` (a placement from ``afm-plan place``, or a
+            checkpoint's ``quantization_config``, ``afm.analog.hf.read_quantization_config``):
+            then exactly its ``modules`` become analog, each with its own config, and
+            ``include`` / ``exclude`` / ``overrides`` / ``convert_lm_head`` must stay unset.
+        include: names / regexes of layers to convert (default: all linear layers).
         exclude: names / regexes of layers to keep digital (applied after ``include``).
         overrides: ``{pattern: config}``; the first pattern that matches a layer's name
             gives that layer's config instead of ``config``.
@@ -164,15 +183,15 @@ def convert(
         ValueError: nothing would be converted, the model is quantized by another
             method, or ``convert_router`` asks for a router that is not ``nn.Linear``.
     """
+    if isinstance(config, AfmQuantizationConfig):
+        if include is not None or exclude is not None or overrides or convert_lm_head:
+            raise ValueError(
+                "afm.convert with an afm quantization config (a placement) converts exactly "
+                "its modules: do not pass include, exclude, overrides or convert_lm_head"
+            )
+        return _convert_listed(model, config)
     _check_config(config, "config")
-    existing = analog_layers(model)
-    if existing:
-        raise AlreadyAnalogError(
-            f"afm.convert: the model already has {len(existing)} analog layers (e.g. "
-            f"{next(iter(existing))!r}); converting again would leave them on their old "
-            "chip. To put them on a new chip call afm.set_chip(model, config, include=..., "
-            "overrides=...); to start over from the digital model call afm.revert(model) first"
-        )
+    _refuse_analog(model)
     _refuse_foreign_quantization(model)
     heads, routers = output_head_names(model), router_names(model)
     unsupported = unsupported_linear_maps(model)
@@ -248,6 +267,48 @@ def _check_routers(model: nn.Module, names: list[str]) -> None:
             "put on the chip; leave convert_router=False (routers stay digital, "
             "docs/architectures.md) or exclude the routers"
         )
+
+
+def _exact(name: str) -> str:
+    return "^" + re.escape(name) + "$"
+
+
+def _convert_listed(model: nn.Module, qc: AfmQuantizationConfig) -> nn.Module:
+    """``convert`` of exactly the layers an afm quantization config lists (all linear
+    layers but the head when it lists none), each with its own config."""
+    _refuse_analog(model)
+    overrides = {_exact(n): cfg for n, cfg in qc.overrides.items()}
+    if qc.modules is None:
+        return convert(
+            model, qc.analog_config, overrides=overrides, convert_lm_head=qc.convert_lm_head
+        )
+    stray = sorted(set(qc.overrides) - set(qc.modules))
+    if stray:
+        raise ValueError(f"the afm config has overrides for layers it does not list: {stray}")
+    for name in qc.modules:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(
+                f"the afm config lists layer {name!r}, which the model does not have"
+            ) from None
+        if not (is_linear_like(module) or is_experts(module)):
+            raise ValueError(
+                f"the afm config lists layer {name!r}, which is a {type(module).__name__}, "
+                "not a linear layer or experts module"
+            )
+    listed = set(qc.modules)
+    convert(
+        model,
+        qc.analog_config,
+        include=[_exact(n) for n in qc.modules],
+        overrides=overrides,
+        convert_lm_head=bool(listed & output_head_names(model)),
+    )
+    missing = sorted(listed - set(analog_layers(model)))
+    if missing:  # unreachable unless a rule above changes: never leave a layer out silently
+        raise ValueError(f"afm.convert: layers {missing} of the afm config were not converted")
+    return model
 
 
 def set_chip(

@@ -21,9 +21,11 @@ this module.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import weakref
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -352,6 +354,30 @@ def attach_quantization_config(model: nn.Module) -> nn.Module:
     return model
 
 
+def read_quantization_config(path: str | Path) -> AfmQuantizationConfig:
+    """The afm config in a JSON file: a placement written by ``afm-plan place`` (the bare
+    ``quantization_config`` mapping) or an afm checkpoint's ``config.json`` (its
+    ``quantization_config`` entry).  Errors name the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"afm config file {str(p)!r} does not exist")
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"afm config file {str(p)!r} is not valid JSON: {err}") from None
+    if isinstance(data, dict) and isinstance(data.get("quantization_config"), dict):
+        data = data["quantization_config"]
+    if not isinstance(data, dict) or data.get("quant_method") != QUANT_METHOD:
+        raise ValueError(
+            f"afm config file {str(p)!r} holds no afm quantization_config "
+            "(expected a mapping with quant_method 'afm')"
+        )
+    try:
+        return AfmQuantizationConfig(**data)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"afm config file {str(p)!r}: {err}") from None
+
+
 def is_afm_checkpoint_config(config: Any) -> bool:
     qc = getattr(config, "quantization_config", None)
     if qc is None:
@@ -375,4 +401,5 @@ __all__ = [
     "AfmQuantizationConfig",
     "attach_quantization_config",
     "is_afm_checkpoint_config",
+    "read_quantization_config",
 ]

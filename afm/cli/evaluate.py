@@ -46,7 +46,8 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         required=True,
         metavar="SPEC",
-        help="'tiny', a directory, a hub id, or 'path=P,label=L,preset=afm-paper,rtn_w4=true,"
+        help="'tiny', a directory, a hub id, or 'path=P,label=L,preset=afm-paper (or "
+        "placement=FILE from afm-plan),rtn_w4=true,"
         "calib=toyworld|FILE|none'; repeat for a side-by-side comparison",
     )
     g.add_argument("--tasks", help="lm-eval tasks/groups/tags or YAML paths: 'a,b:5' (b 5-shot)")

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from afm.analog.layers import analog_layers
 from afm.analog.noise import NoiseModel, apply_noise_, seeded_read_noise
 from afm.evaluate.conditions import Condition, analog_config_changes
 from afm.evaluate.loading import load_model_spec
@@ -46,11 +47,15 @@ def programmed(
 
     ``noise_model=None``: the model as it is, once (the first seed; eval-time output
     noise, where the chip keeps it, is seeded from it as on a programmed chip).
-    ``select`` goes to ``apply_noise_`` (e.g. ``only_analog=True``)."""
+    ``select`` goes to ``apply_noise_``.  A model with analog layers is programmed on
+    those only (``only_analog=True`` unless ``select`` says otherwise): the layers a
+    placement or ``afm.convert(exclude=...)`` keeps digital never see device noise.  A
+    plain model (no analog layers) gets noise on all its linear layers, as before."""
     if noise_model is None:
         with seeded_read_noise(model, int(seeds[0])):
             yield seeds[0]
         return
+    select.setdefault("only_analog", bool(analog_layers(model)))
     for seed in seeds:
         handle = apply_noise_(model, noise_model, int(seed), **select)
         try:

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ResultRow", "EvalReport", "mean_std", "plot_lines", "load_report"]
+__all__ = ["ResultRow", "EvalReport", "mean_std", "plot_lines", "load_report", "pyplot"]
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -204,7 +204,8 @@ def load_report(path: str | Path) -> EvalReport:
 
 
 # ------------------------------------------------------------------------------ plots
-def _pyplot() -> Any:
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend (an ImportError names the extra to install)."""
     try:
         import matplotlib
     except ImportError as err:  # pragma: no cover - depends on the environment
@@ -230,7 +231,7 @@ def _drift_axis(ax: Any, xs: Sequence[float]) -> None:
 def plot_lines(report: EvalReport, path: str | Path, percent: bool = True) -> Path:
     """Accuracy vs the rows' x (drift time, noise scale, bits): one panel per task,
     one line per model (and per series when a sweep has several axes), error bars ±std."""
-    plt = _pyplot()
+    plt = pyplot()
     scale = 100.0 if percent else 1.0
     rows = [r for r in report.rows if r.x is not None]
     tasks = list(dict.fromkeys(r.task for r in rows))

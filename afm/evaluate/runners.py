@@ -26,7 +26,7 @@ from afm.evaluate.specs import EvalInputError, TaskSpec, bundled_tasks_dir
 from afm.toyworld.scoring import evaluate_arith, evaluate_facts
 from afm.toyworld.world import ArithProblem, FactQuestion
 
-__all__ = ["LmEvalRunner", "ToyRunner", "spread_indices"]
+__all__ = ["LmEvalRunner", "ToyRunner", "doc_indices", "spread_indices"]
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +82,39 @@ def spread_indices(n_total: int, limit: int | float | None) -> list[int]:
     return [int(i * n_total / k) for i in range(k)]
 
 
+def doc_indices(
+    n_total: int,
+    limit: int | float | None = None,
+    *,
+    spread: bool = False,
+    split: tuple[int, int] | None = None,
+) -> list[int]:
+    """The documents an evaluation uses: those of ``split = (part, parts)`` (index mod
+    ``parts`` equals ``part``: disjoint halves for selection and held-out data with
+    ``(0, 2)`` and ``(1, 2)``; all without a split), then ``limit`` of them, evenly spaced
+    with ``spread``, else the first ones."""
+    idx = list(range(n_total))
+    if split is not None:
+        part, parts = split
+        idx = idx[part::parts]
+    if spread:
+        return [idx[i] for i in spread_indices(len(idx), limit)]
+    if limit is None:
+        return idx
+    return idx[: int(limit) if limit >= 1 else max(1, int(limit * len(idx)))]
+
+
+def _check_split(split: tuple[int, int] | None) -> tuple[int, int] | None:
+    if split is None:
+        return None
+    ok = isinstance(split, (tuple, list)) and len(split) == 2
+    if ok and all(isinstance(v, int) and not isinstance(v, bool) for v in split):
+        part, parts = split
+        if parts >= 1 and 0 <= part < parts:
+            return (part, parts)
+    raise EvalInputError(f"split={split!r} is invalid: expected (part, parts), 0 <= part < parts")
+
+
 @functools.lru_cache(maxsize=4)
 def _task_manager(paths: tuple[str, ...], include_defaults: bool) -> Any:
     from lm_eval.tasks import TaskManager
@@ -125,6 +158,7 @@ class LmEvalRunner:
         batch_size: int = 16,
         fewshot_seed: int = 1234,
         gen_kwargs: dict[str, Any] | None = None,
+        split: tuple[int, int] | None = None,
     ) -> None:
         try:
             import lm_eval.tasks  # noqa: F401
@@ -142,6 +176,7 @@ class LmEvalRunner:
         self.specs = list(tasks)
         self.limit = limit
         self.spread = spread
+        self.split = _check_split(split)
         # Indexing lm-eval's own ~200 task folders takes tens of seconds: skip it when
         # every task is bundled, in include_path or a YAML file.
         self.task_manager = _task_manager(tuple(paths), False)
@@ -217,9 +252,11 @@ class LmEvalRunner:
             torch.manual_seed(self.fewshot_seed)
             limit = spec.limit if spec.limit is not None else self.limit
             samples = None
-            if self.spread and limit is not None:  # evenly spaced docs instead of the first
-                samples = {
-                    name: spread_indices(len(task_obj.eval_docs), limit)
+            if self.split is not None or (self.spread and limit is not None):
+                samples = {  # a part of the docs, or evenly spaced docs instead of the first
+                    name: doc_indices(
+                        len(task_obj.eval_docs), limit, spread=self.spread, split=self.split
+                    )
                     for name, task_obj in loaded["tasks"].items()
                 }
                 limit = None
@@ -251,6 +288,7 @@ class ToyRunner:
         limit: int | None = None,
         batch_size: int = 64,
         spread: bool = False,
+        split: tuple[int, int] | None = None,
     ) -> None:
         bad = [t for t in tasks if t not in self.TASKS]
         if bad:
@@ -260,6 +298,7 @@ class ToyRunner:
         self.tasks = list(tasks)
         self.limit = limit
         self.spread = spread
+        self.split = _check_split(split)
         self.batch_size = batch_size
         self._data = {t: self._load(t) for t in self.tasks}
 
@@ -267,10 +306,10 @@ class ToyRunner:
         kind = task.split("_", 1)[1]
         path = bundled_tasks_dir() / "toyworld" / f"{kind}.jsonl"
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        if self.spread:
-            rows = [rows[i] for i in spread_indices(len(rows), self.limit)]
-        else:
-            rows = rows[: self.limit] if self.limit else rows
+        rows = [
+            rows[i]
+            for i in doc_indices(len(rows), self.limit, spread=self.spread, split=self.split)
+        ]
         if kind == "arith":
             return [ArithProblem(int(r["a"]), int(r["b"]), r["op"]) for r in rows]
         return [

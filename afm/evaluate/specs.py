@@ -82,6 +82,9 @@ class ModelSpec:
             (one document a line, or ``{"text": ...}``), or ``"none"``.
         calib_steps: calibration batches (of 8 sequences).
         dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``.
+        placement: convert a plain model on the fly with an afm config file instead: a
+            placement written by ``afm-plan place`` (only its layers become analog, the
+            rest stays digital and sees no device noise) or an afm checkpoint's config.json.
         head: the output head's policy with ``preset`` (spec §7): ``"analog"`` (converted,
             programmed with the deployment noise) or ``"digital"`` (noise-free); None:
             the preset's (``afm.presets.analog_head_of``).  A checkpoint keeps its own.
@@ -95,6 +98,7 @@ class ModelSpec:
     calib: str = "toyworld"
     calib_steps: int = 16
     dtype: str = "float32"
+    placement: str | None = None
     head: str | None = None
 
     @property
@@ -106,6 +110,8 @@ class ModelSpec:
             name += "+rtn-w4"
         if self.preset:
             name += f"@{self.preset}"
+        if self.placement:
+            name += f"@{Path(self.placement).stem}"
         return name
 
     @classmethod
@@ -136,10 +142,9 @@ class ModelSpec:
                 kwargs[key] = (
                     None if kwargs[key].lower() == "none" else as_int(key, kwargs[key], minimum=1)
                 )
-        if kwargs.get("preset", "").lower() in ("", "none"):
-            kwargs.pop("preset", None)
-        if kwargs.get("head", "").lower() in ("", "none"):
-            kwargs.pop("head", None)
+        for key in ("preset", "placement", "head"):
+            if kwargs.get(key, "").lower() in ("", "none"):
+                kwargs.pop(key, None)
         return cls(**kwargs)
 
 

@@ -34,7 +34,7 @@ from torch import nn
 
 from afm.analog.calibration import calibrate_input_ranges_
 from afm.analog.convert import convert
-from afm.analog.hf import attach_quantization_config
+from afm.analog.hf import AfmQuantizationConfig, attach_quantization_config
 from afm.analog.layers import analog_layers
 from afm.config import AnalogConfig
 from afm.presets import analog_head_of, get_preset
@@ -88,7 +88,7 @@ class DistillResult:
 
 def make_student(
     teacher: nn.Module,
-    preset: str | AnalogConfig = "afm-paper",
+    preset: str | AnalogConfig | AfmQuantizationConfig = "afm-paper",
     *,
     copy_teacher: bool = True,
     **convert_kwargs: Any,
@@ -98,6 +98,7 @@ def make_student(
     The output head follows the preset's head policy when ``preset`` is a name
     (``afm.presets.analog_head_of``: analog for afm-paper, tiny-stress, ahwa-lora),
     else ``afm.convert``'s default (digital); ``convert_lm_head=`` overrides either.
+    An ``AfmQuantizationConfig`` (a placement) converts exactly the layers it lists.
     ``copy_teacher=False`` converts ``teacher`` itself (training from cached targets
     needs no teacher afterwards, so it never holds two copies).
     """

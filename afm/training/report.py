@@ -26,8 +26,10 @@ from torch import nn
 
 from afm.analog.calibration import calibrate_input_ranges_
 from afm.analog.convert import convert
+from afm.analog.hf import AfmQuantizationConfig
 from afm.analog.layers import analog_layers
 from afm.analog.noise import NoiseModel, get_noise_model
+from afm.analog.select import output_head_names
 from afm.config import AnalogConfig
 from afm.evaluate.loop import scores_under_noise
 from afm.models import resolve_model
@@ -88,11 +90,22 @@ def analog_teacher(
     preset: str | AnalogConfig,
     calibration: Sequence[dict[str, torch.Tensor]],
     analog_head: bool = False,
+    layers: Sequence[str] | None = None,
 ) -> nn.Module:
     """A copy of the teacher on the chip ``preset``, input ranges calibrated (no training);
-    with ``analog_head`` its output head is analog (and noisy) too."""
+    with ``analog_head`` its output head is analog (and noisy) too.  ``layers``: only these
+    become analog (a placement; it lists the head exactly when ``analog_head``)."""
     model = copy.deepcopy(teacher)
-    convert(model, _chip(preset), convert_lm_head=analog_head)
+    chip = _chip(preset)
+    if layers is None:
+        convert(model, chip, convert_lm_head=analog_head)
+    else:
+        if analog_head != bool(set(layers) & output_head_names(model)):
+            raise ValueError(
+                f"analog_teacher: analog_head={analog_head} but the placement "
+                f"{'leaves the head digital' if analog_head else 'lists the output head'}"
+            )
+        convert(model, AfmQuantizationConfig(chip, modules=list(layers)))
     calibrate_input_ranges_(model, calibration, max_steps=len(calibration), progress=False)
     return model.eval()
 
@@ -122,14 +135,16 @@ def before_after(
     facts: bool = True,
     curve_scales: Sequence[float] = (),
     analog_head: bool = False,
+    layers: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Accuracies of the three conditions (module docstring); ``curve`` adds noise scales.
     ``analog_head``: the analog teacher's head is analog too (the student's is as trained);
-    deployment noise reaches a head exactly when it is analog."""
+    deployment noise reaches a head exactly when it is analog.  ``layers``: the analog
+    layers of a placement (the teacher baseline gets the same)."""
     tasks = ToyTasks(n_per_kind, facts)
     seed_list = list(range(seeds))
     t_fp = {k: _stats([v]) for k, v in tasks(teacher.eval(), tokenizer).items()}
-    t_an = analog_teacher(teacher, preset, calibration, analog_head)
+    t_an = analog_teacher(teacher, preset, calibration, analog_head, layers)
     s_an = on_chip(student, preset)
     spec = dict(noise) if isinstance(noise, dict) else {"name": noise}
     if noise_scale is not None:

@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from afm.analog.layers import analog_layers
+from afm.analog.select import output_head_names
 from afm.models import load_model, load_tokenizer, resolve_model
 from afm.training.batches import BatchOrder
 from afm.training.corpus import check_corpus, load_corpus, mix_rows, prepare_corpus
@@ -209,6 +211,7 @@ def _evaluate(cfg: RunConfig, teacher, student, tokenizer, dataset, pad_id: int)
         return None, None
     order = BatchOrder(dataset, cfg.train.per_device_batch_size, 1, 1, cfg.train.seed)
     calib = [order.collate(i, pad_id) for i in order.calibration(cfg.eval.calibration_batches)]
+    placement = cfg.student_placement()
     evaluation = before_after(
         teacher,
         student,
@@ -216,7 +219,8 @@ def _evaluate(cfg: RunConfig, teacher, student, tokenizer, dataset, pad_id: int)
         calib,
         preset=cfg.eval_chip(),
         chip_name=cfg.eval_chip_name,
-        analog_head=cfg.head_is_analog(),
+        analog_head=bool(set(analog_layers(student)) & output_head_names(student)),
+        layers=placement.modules if placement is not None else None,
         noise=cfg.eval_noise(),
         seeds=cfg.eval.seeds,
         n_per_kind=cfg.eval.n_per_kind,
@@ -271,12 +275,16 @@ def run_training(cfg: RunConfig, *, progress: bool | str = True) -> RunOutcome:
     dataset = _data(cfg, acc, teacher, tokenizer, resuming, progress)
     cached = resolve_target_form(dataset, cfg.train.kd_targets)
     # Cached targets: the loaded model becomes the student, no teacher copy is kept.
-    student = make_student(
-        teacher,
-        cfg.student_chip(),
-        copy_teacher=cached is None,
-        convert_lm_head=cfg.head_is_analog(),
-    )
+    placement = cfg.student_placement()
+    if placement is not None:  # the placement lists the output head or not
+        student = make_student(teacher, placement, copy_teacher=cached is None)
+    else:
+        student = make_student(
+            teacher,
+            cfg.student_chip(),
+            copy_teacher=cached is None,
+            convert_lm_head=cfg.head_is_analog(),
+        )
     if cached is not None:
         logger.info("training on the cached %r teacher targets: no live teacher", cached)
         teacher = None

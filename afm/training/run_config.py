@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from afm.analog.hf import AfmQuantizationConfig, read_quantization_config
 from afm.analog.noise import get_noise_model
 from afm.config import AnalogConfig, set_by_path
 from afm.presets import analog_head_of, eval_noise_of, get_preset
@@ -90,6 +91,11 @@ class RunConfig:
     """``{"weight_noise.std": 0.08, ...}``: fields of the preset changed for this run
     (``afm.config.set_by_path`` paths); they apply to the evaluation chip too when
     ``eval.preset`` is None."""
+    placement: str | None = None
+    """An afm placement file (``afm-plan place``): only its layers become analog in the
+    student (and in the analog teacher of the report); the others stay digital.  It must
+    have been planned on this run's student chip (``preset`` + ``preset_overrides``) and
+    decides the head (it lists it or not): ``analog_head`` stays unset."""
     data_dir: str | None = None
     """Token rows to train on: an afm data directory or any ``save_to_disk`` dataset
     with ``input_ids``; None: ``<output>/data`` (generated if missing)."""
@@ -115,6 +121,29 @@ class RunConfig:
                 raise ConfigError(f"preset_overrides: {path}={value!r}: {err}") from None
         return chip
 
+    def student_placement(self) -> AfmQuantizationConfig | None:
+        """The placement file's afm config (None without one), checked against the chip."""
+        if self.placement is None:
+            return None
+        try:
+            placement = read_quantization_config(str(self.placement))
+        except ValueError as err:
+            raise ConfigError(f"placement: {err}") from None
+        chip = self.student_chip()
+        if placement.analog_config != chip:
+            ours, theirs = chip.to_dict(), placement.analog_config.to_dict()
+            diff = sorted(k for k in ours if ours[k] != theirs.get(k))
+            raise ConfigError(
+                f"placement {self.placement!r} was planned on another chip than preset "
+                f"{self.preset!r} with these preset_overrides (differs in {', '.join(diff)})"
+            )
+        if placement.overrides or placement.modules is None:
+            raise ConfigError(
+                f"placement {self.placement!r}: afm-train takes a placement that lists its "
+                "analog layers and has no per-layer config overrides (as afm-plan writes them)"
+            )
+        return placement
+
     def head_is_analog(self) -> bool:
         """The resolved head policy: ``analog_head``, else the preset's."""
         return analog_head_of(self.preset) if self.analog_head is None else self.analog_head
@@ -137,6 +166,8 @@ class RunConfig:
         if self.eval.preset:
             return self.eval.preset
         extra = ", ".join(f"{k}={v}" for k, v in self.preset_overrides.items())
+        if self.placement:
+            extra += (", " if extra else "") + f"placement {Path(self.placement).name}"
         return self.preset + (f" ({extra})" if extra else "")
 
     @property
@@ -337,6 +368,7 @@ def build_run_config(
             "like {weight_noise.std: 0.08}"
         )
     cfg.student_chip()  # validates the overrides
+    cfg.student_placement()  # validates the placement file against that chip
     try:
         noise = cfg.eval_noise()
         get_noise_model(noise["name"], **{k: v for k, v in noise.items() if k != "name"})
@@ -348,6 +380,11 @@ def build_run_config(
         raise ConfigError(f"num_threads={cfg.num_threads!r} is invalid: must be a positive int")
     if cfg.analog_head is not None and not isinstance(cfg.analog_head, bool):
         raise ConfigError(f"analog_head={cfg.analog_head!r} is invalid: must be true or false")
+    if cfg.analog_head is not None and cfg.placement is not None:
+        raise ConfigError(
+            f"analog_head={cfg.analog_head!r} does not apply with placement: the placement "
+            "file lists the output head among its analog layers or not"
+        )
     if not isinstance(cfg.generate, bool):
         raise ConfigError(f"generate={cfg.generate!r} is invalid: must be true or false")
     if cfg.uses_synthetic_data and not cfg.generate and cfg.data_dir is None:
