@@ -154,7 +154,9 @@ def test_synthetic_data_directory_is_a_datasets_artefact(toy_llama, tmp_path):
     generate_synthetic_data(model.eval(), tok, tmp_path / "d", cfg, progress=False)
     rows = load_synthetic_data(tmp_path / "d")["input_ids"]
     native = datasets.load_from_disk(str(tmp_path / "d"))
-    assert native.column_names == ["input_ids"] and native["input_ids"] == rows and len(rows) == 8
+    # the default data.targets=top_k stores the cached teacher targets beside the tokens
+    assert native.column_names == ["input_ids", "top_k_ids", "top_k_logprobs"]
+    assert native["input_ids"] == rows and len(rows) == 8
     # a directory written before the index (format 1) still loads, and can be indexed
     old = tmp_path / "old"
     shutil.copytree(tmp_path / "d", old)
