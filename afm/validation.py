@@ -194,7 +194,9 @@ def check_safetensors_files(directory: str | os.PathLike[str]) -> None:
         try:
             shards = set(json.loads(index.read_text())["weight_map"].values())
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            raise ValueError(f"checkpoint index {str(index)!r} is damaged (no weight_map)") from None
+            raise ValueError(
+                f"checkpoint index {str(index)!r} is damaged (no weight_map)"
+            ) from None
         for shard in sorted(shards):
             if not (d / shard).is_file():
                 raise ValueError(f"checkpoint file {str(d / shard)!r} is missing ({index.name})")

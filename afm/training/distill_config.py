@@ -10,7 +10,13 @@ import torch
 
 from afm.validation import check_bool, check_choice, check_int, check_real, fail
 
-__all__ = ["MIXED_PRECISION", "NONFINITE_GUARDS", "NOT_IN_FINGERPRINT", "TEACHER_DTYPES", "DistillConfig"]
+__all__ = [
+    "MIXED_PRECISION",
+    "NONFINITE_GUARDS",
+    "NOT_IN_FINGERPRINT",
+    "TEACHER_DTYPES",
+    "DistillConfig",
+]
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
 NONFINITE_GUARDS = ("auto", "rollback", "stop")
@@ -104,7 +110,9 @@ class DistillConfig:
             bad("lr_end", f"must be smaller than train.lr={self.lr!r} (the decay ends there)")
         if self.max_grad_norm is not None:
             check_real("train", "max_grad_norm", self.max_grad_norm, strict=True)
-        check_int("train", "calibration_batches", self.calibration_batches, minimum=0, allow_none=True)
+        check_int(
+            "train", "calibration_batches", self.calibration_batches, minimum=0, allow_none=True
+        )
         for name in ("scale_lr_by_world_size", "gradient_checkpointing"):
             check_bool("train", name, getattr(self, name))
         check_choice("train", "mixed_precision", self.mixed_precision, MIXED_PRECISION)

@@ -1,4 +1,10 @@
-"""What a distillation run reports while it trains: the progress bar and ``log.jsonl``."""
+"""What a distillation run reports while it trains: the progress bar and ``log.jsonl``.
+
+A resumed run first cuts ``log.jsonl`` back to the rows of the steps its checkpoint
+holds (rows written after it, and a line half-written by a killed run, are dropped), so
+the log of a run killed and resumed any number of times equals the log of one
+uninterrupted run (timings aside).
+"""
 
 from __future__ import annotations
 
@@ -8,16 +14,35 @@ import time
 from pathlib import Path
 from typing import Any
 
-from afm.training.step import StepOutcome
+from afm.training.files import write_text_atomic
+from afm.training.step import SKIP_REASONS, StepOutcome
 
-__all__ = ["TrainLog"]
+__all__ = ["TrainLog", "cut_log"]
 
 logger = logging.getLogger(__name__)
 
 
+def cut_log(path: Path, last_step: int) -> None:
+    """Keep the rows of ``path`` up to step ``last_step`` (stops at a damaged line)."""
+    if not path.exists():
+        return
+    keep = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            row = json.loads(line)
+            step = int(row["step"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            logger.warning("%s: line %d is damaged; dropping it and what follows", path, number)
+            break
+        if step <= last_step:
+            keep.append(line)
+    write_text_atomic(path, "".join(f"{line}\n" for line in keep))
+
+
 class TrainLog:
-    """Counts skipped steps, keeps the last applied loss, writes a row every
-    ``logging_steps`` (and at the end) to ``log.jsonl`` on the main process."""
+    """Counts skipped steps (in total and in a row), keeps the last applied step's loss,
+    writes a row every ``logging_steps`` (and at the end) to ``log.jsonl`` on the main
+    process.  ``skipped``, ``consecutive`` and ``last_loss`` continue a resumed run's."""
 
     def __init__(
         self,
@@ -30,6 +55,9 @@ class TrainLog:
         logging_steps: int,
         main_process: bool,
         progress: bool,
+        consecutive: int = 0,
+        last_loss: float | None = None,
+        max_consecutive: int = 20,
     ) -> None:
         from tqdm.auto import tqdm
 
@@ -37,7 +65,11 @@ class TrainLog:
         self.out, self.end, self.logging_steps = out, end, logging_steps
         self.main_process = main_process
         self.skipped = skipped
-        self.last_loss: float | None = None
+        self.consecutive, self.max_consecutive = consecutive, max_consecutive
+        self.last_loss = last_loss
+        self.last_reason: str | None = None
+        if main_process:
+            cut_log(self.path, start)
         self.rows: list[dict[str, Any]] = []
         self._t_last, self._tokens = time.perf_counter(), 0
         self.bar = tqdm(
@@ -49,24 +81,35 @@ class TrainLog:
         )
 
     def record(self, step: int, outcome: StepOutcome, lr: float, accelerator: Any) -> None:
-        """Account for step ``step`` (0-based) after the scheduler stepped."""
+        """Account for step ``step`` (0-based) after the scheduler stepped; a row is
+        written every ``logging_steps``, at the end, and when ``max_consecutive`` steps in
+        a row were skipped (the trainer stops there)."""
         self._tokens += outcome.tokens
         sums = outcome.sums
         if outcome.skipped:
             self.skipped += 1
+            self.consecutive += 1
+            self.last_reason = outcome.reason
             logger.warning(
-                "step %d: non-finite loss or gradient, update skipped (%d so far)",
+                "step %d: %s, update skipped (%d so far, %d in a row)",
                 step + 1,
+                SKIP_REASONS.get(outcome.reason or "", "non-finite values"),
                 self.skipped,
+                self.consecutive,
             )
         else:
+            self.consecutive = 0
             if accelerator.num_processes > 1:
                 sums = accelerator.reduce(sums, reduction="mean")
             self.last_loss = float(sums[0])
         self.bar.update(1)
         done = step + 1
-        if done % self.logging_steps == 0 or done == self.end:
+        if done % self.logging_steps == 0 or done == self.end or self.must_stop:
             self._write_row(done, outcome.skipped, sums, lr)
+
+    @property
+    def must_stop(self) -> bool:
+        return self.consecutive >= self.max_consecutive
 
     def _write_row(self, done: int, skipped_step: bool, sums: Any, lr: float) -> None:
         now = time.perf_counter()
