@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from afm.lora.model import attach_lora, load_analog_base, trainable_report
 from afm.lora.train import completion_loss, train_adapter
 from afm.models import load_tokenizer, resolve_model
 from afm.toyworld import lora_tasks
+from afm.validation import check_device, check_output_path, check_safetensors_files
 
 __all__ = [
     "LoraExperiment",
@@ -94,21 +96,66 @@ class LoraExperiment:
     device: str = "cpu"
     threads: int | None = None
     quiet: bool = False
+    overwrite: bool = False
+    """Replace a previous afm-lora adapter in ``output`` (other files are never touched)."""
 
     def check(self) -> None:
         """The cheap checks, before anything is loaded (``ValueError`` naming the flag)."""
         if self.r < 1:
             raise ValueError(f"--r {self.r} is invalid: the LoRA rank must be >= 1")
-        if not self.alpha > 0:
-            raise ValueError(f"--alpha {self.alpha} is invalid: must be > 0")
-        if self.steps < 1:
-            raise ValueError(f"--steps {self.steps} is invalid: must be >= 1")
-        if not self.lr > 0:
-            raise ValueError(f"--lr {self.lr} is invalid: must be > 0")
-        if self.batch_size < 1:
-            raise ValueError(f"--batch-size {self.batch_size} is invalid: must be >= 1")
-        if self.noise_seeds < 1:
-            raise ValueError(f"--noise-seeds {self.noise_seeds} is invalid: must be >= 1")
+        for flag, value in (("--alpha", self.alpha), ("--lr", self.lr)):
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{flag} {value} is invalid: must be a finite number > 0")
+        if not (math.isfinite(self.noise_scale) and self.noise_scale >= 0):
+            raise ValueError(f"--noise-scale {self.noise_scale} is invalid: must be >= 0")
+        for flag, value, low in (
+            ("--steps", self.steps, 1),
+            ("--batch-size", self.batch_size, 1),
+            ("--noise-seeds", self.noise_seeds, 1),
+            ("--calib-steps", self.calib_steps, 0),
+            ("--eval-n", self.eval_n, 1),
+            ("--threads", self.threads, 1),
+        ):
+            if value is not None and value < low:
+                raise ValueError(f"{flag} {value} is invalid: must be >= {low}")
+        check_device("", "--device", self.device)
+        _check_output(Path(self.output), self.overwrite)
+
+
+#: What afm-lora writes into its output directory (peft's adapter files and its own).
+OUTPUT_FILES = ("adapter_model.safetensors", "adapter_config.json", "README.md", "afm_lora.json")
+
+
+def _check_output(out: Path, overwrite: bool) -> None:
+    """``--output`` must be new or empty; with ``overwrite`` it may hold a previous
+    afm-lora adapter, and nothing else."""
+    check_output_path("--output", out)
+    if not out.is_dir():
+        return
+    entries = sorted(e.name for e in out.iterdir())
+    if not entries:
+        return
+    if not overwrite:
+        raise ValueError(
+            f"--output {str(out)!r} is not empty; choose a new or empty directory (or pass "
+            "--overwrite to replace an afm-lora adapter saved there)"
+        )
+    foreign = [e for e in entries if e not in OUTPUT_FILES]
+    if foreign:
+        raise ValueError(
+            f"--output {str(out)!r} holds files that are not an afm-lora adapter (e.g. "
+            f"{foreign[0]!r}); --overwrite only replaces an adapter: choose a new or empty "
+            "directory"
+        )
+
+
+def _save(peft_model: Any, out: Path, meta: dict[str, Any]) -> None:
+    """The adapter and ``afm_lora.json`` into ``out`` (a previous adapter replaced)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name in OUTPUT_FILES:  # --overwrite: no file of the old adapter stays
+        (out / name).unlink(missing_ok=True)
+    peft_model.save_pretrained(out)
+    (out / "afm_lora.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
 def _task(exp: LoraExperiment) -> tuple[Any, list[tuple[str, str]] | None]:
@@ -147,6 +194,8 @@ def _check_base(exp: LoraExperiment) -> str:
     looks_local = resolved.startswith(("/", ".", "~")) or Path(resolved).exists()
     if looks_local and not (Path(resolved).expanduser() / "config.json").is_file():
         raise ValueError(f"base model {exp.base!r} not found (no config.json in {resolved})")
+    if looks_local:
+        check_safetensors_files(Path(resolved).expanduser())
     return resolved
 
 
@@ -215,9 +264,6 @@ def run_lora_experiment(exp: LoraExperiment) -> dict[str, Any]:
         noise=not exp.no_train_noise,
         progress=not exp.quiet,
     )
-    out = Path(exp.output)
-    out.mkdir(parents=True, exist_ok=True)
-    peft_model.save_pretrained(out)
     metric, evaluate = _evaluation(exp, task, tokenizer, eval_pairs)
     seeds = list(range(exp.noise_seeds))
     rows = []
@@ -247,7 +293,8 @@ def run_lora_experiment(exp: LoraExperiment) -> dict[str, Any]:
         "metric": metric,
         "results": rows,
     }
-    (out / "afm_lora.json").write_text(json.dumps(meta, indent=2) + "\n")
+    _check_output(Path(exp.output), exp.overwrite)  # again: minutes have passed
+    _save(peft_model, Path(exp.output), meta)
     return meta
 
 

@@ -13,7 +13,6 @@ shards ``i ≡ r (mod w)``.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -23,7 +22,9 @@ from typing import Any
 
 import torch
 
+from afm.training.data_checks import check_seq_len, resolve_backend
 from afm.training.data_config import DataError, SyntheticDataConfig, shard_seed
+from afm.training.files import remove_orphans, write_json_atomic
 from afm.training.shards import (
     STATS,
     check_meta,
@@ -32,10 +33,11 @@ from afm.training.shards import (
     shard_name,
     write_shard,
 )
+from afm.validation import check_device, check_output_path, check_safetensors_files
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["generate_synthetic_data"]
+__all__ = ["generate_for_model", "generate_synthetic_data", "read_prompts"]
 
 
 def _dist_info() -> tuple[int, int]:
@@ -47,7 +49,8 @@ def _dist_info() -> tuple[int, int]:
 # --------------------------------------------------------------------------- sampling
 
 
-def _read_prompts(path: str, tokenizer: Any) -> list[list[int]]:
+def read_prompts(path: str, tokenizer: Any) -> list[list[int]]:
+    """The lines of a prompts file as token ids, BOS first (empty lines skipped)."""
     p = Path(path)
     if not p.is_file():
         raise DataError(f"prompts file {path!r} does not exist")
@@ -145,25 +148,6 @@ def _vllm_sample(
     return [list(p) + list(o.outputs[0].token_ids) for p, o in zip(prompts, outs, strict=True)]
 
 
-def _resolve_backend(cfg: SyntheticDataConfig) -> str:
-    if cfg.backend == "hf":
-        return "hf"
-    try:
-        import vllm  # noqa: F401
-
-        have_vllm = True
-    except ImportError:
-        have_vllm = False
-    if cfg.backend == "vllm":
-        if not have_vllm or not torch.cuda.is_available():
-            raise RuntimeError(
-                "data.backend='vllm' needs vLLM and a CUDA GPU: pip install vllm "
-                "(or use data.backend='hf')"
-            )
-        return "vllm"
-    return "vllm" if have_vllm and torch.cuda.is_available() else "hf"
-
-
 def _generate_shard(
     index: int,
     model: Any,
@@ -254,14 +238,16 @@ def generate_synthetic_data(
     r0, w0 = _dist_info()
     rank = r0 if rank is None else rank
     world_size = w0 if world_size is None else world_size
-    check_meta(out, config, model_name)
-    prompts = _read_prompts(config.prompts_file, tokenizer) if config.prompts_file else None
-    backend = _resolve_backend(config)
+    check_seq_len(config, model.config, model_name or str(model.name_or_path))
+    prompts = read_prompts(config.prompts_file, tokenizer) if config.prompts_file else None
+    backend = resolve_backend(config)
+    check_meta(out, config, model_name)  # the first write
     todo = [
         i
         for i in range(config.num_shards)
         if i % world_size == rank and i not in complete_shards(out)
     ]
+    remove_orphans(out, prefix=".shard-")  # of killed runs (their process is gone)
     if max_shards is not None:
         todo = todo[:max_shards]
     llm = None
@@ -298,9 +284,7 @@ def generate_synthetic_data(
         tokens_per_s=tokens / elapsed if elapsed > 0 and tokens else 0.0,
     )
     if stats["complete"]:
-        tmp = out / f".{STATS}.tmp-{os.getpid()}"
-        tmp.write_text(json.dumps(stats, indent=2))
-        os.replace(tmp, out / STATS)
+        write_json_atomic(out / STATS, stats)
     return stats
 
 
@@ -315,15 +299,16 @@ def generate_for_model(
     """Load the teacher ``model_name`` (alias, directory or hub id) and its tokenizer on
     ``device`` (default: CUDA when available, this rank's GPU under torchrun) and run
     :func:`generate_synthetic_data` (``afm-generate``)."""
-    from afm.models import load_model, load_tokenizer
+    from afm.models import load_model, load_tokenizer, resolve_model
 
+    check_device("", "--device", device)
+    check_output_path("--output", out_dir)
+    check_meta(Path(out_dir), config, model_name, write=False)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and "LOCAL_RANK" in os.environ:
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-    try:
-        torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"--device {device!r} is not a valid torch device") from None
+    if Path(resolve_model(model_name)).is_dir():
+        check_safetensors_files(resolve_model(model_name))
     model = load_model(model_name).to(device)
     tokenizer = load_tokenizer(model_name)
     return generate_synthetic_data(
