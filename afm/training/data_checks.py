@@ -63,19 +63,21 @@ def resolve_backend(cfg: SyntheticDataConfig) -> str:
     return "vllm" if have_vllm and torch.cuda.is_available() else "hf"
 
 
-def check_token_ids(dataset: Any, vocab_size: int, data_dir: str | Path) -> None:
-    """Every row of ``dataset`` (column ``input_ids``) is non-empty and its ids index the
-    model's embedding: ids from another tokenizer would crash training mid-way."""
+def check_token_ids(dataset: Any, vocab_size: int, where: str | Path) -> None:
+    """Every row of ``dataset`` (a ``datasets.Dataset`` with column ``input_ids``) is
+    non-empty and its ids index the model's embedding: ids from another tokenizer would
+    crash training mid-way.  ``where`` names the data in the error (a directory)."""
     import pyarrow.compute as pc
 
+    name = f"data directory {str(where)!r}" if isinstance(where, Path) else str(where)
     column = dataset.data.table.column("input_ids")
     lengths = pc.min_max(pc.list_value_length(column))
     if lengths["min"].as_py() is not None and lengths["min"].as_py() < 1:
-        raise DataError(f"data directory {str(data_dir)!r} holds empty sequences")
+        raise DataError(f"{name} holds empty sequences")
     ids = pc.min_max(pc.list_flatten(column))
     low, high = ids["min"].as_py(), ids["max"].as_py()
     if low is not None and (low < 0 or high >= vocab_size):
         raise DataError(
-            f"data directory {str(data_dir)!r} holds token ids {low}..{high}, outside the "
-            f"model's vocabulary of {vocab_size}: the data was made with another tokenizer"
+            f"{name} holds token ids {low}..{high}, outside the model's vocabulary of "
+            f"{vocab_size}: the data was made with another tokenizer"
         )

@@ -46,6 +46,7 @@ from afm.training.checkpoint import (
     remove_unfinished,
     save_checkpoint,
 )
+from afm.training.data_checks import check_token_ids
 from afm.training.distill_config import TEACHER_DTYPES, DistillConfig
 from afm.training.engines import (
     clip_after_step,
@@ -276,6 +277,9 @@ def distill(
             f"({order.global_batch} = {cfg.per_device_batch_size} per device × {world} "
             f"processes × {cfg.grad_accum_steps} accumulation)"
         )
+    if hasattr(getattr(dataset, "data", None), "table"):  # a datasets.Dataset: check its ids
+        vocab = student.get_input_embeddings().num_embeddings
+        check_token_ids(dataset, vocab, "the distillation dataset")
     total = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * order.steps_per_epoch))
     fingerprint = cfg.fingerprint(order.n)
     teacher = _freeze_teacher(teacher, cfg, acc.device)
