@@ -159,11 +159,17 @@ def checkpoint_problem(ckpt: Path) -> str | None:
 def newest_intact(ckpt_root: Path) -> Path | None:
     """The newest checkpoint that passes :func:`checkpoint_problem`; every damaged newer
     one is named in a warning (they are overwritten when their step is saved again)."""
+    damaged = 0
     for ckpt in reversed(list_checkpoints(ckpt_root)):
         problem = checkpoint_problem(ckpt)
         if problem is None:
+            if damaged:
+                logger.warning("resuming from %s, the newest intact checkpoint", ckpt)
             return ckpt
+        damaged += 1
         logger.warning("checkpoint %s is damaged (%s); trying an older one", ckpt, problem)
+    if damaged:
+        logger.warning("no intact checkpoint in %s: training starts from step 0", ckpt_root)
     return None
 
 

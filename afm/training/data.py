@@ -26,6 +26,7 @@ from afm.training.data_checks import check_seq_len, resolve_backend
 from afm.training.data_config import DataError, SyntheticDataConfig, shard_seed
 from afm.training.files import remove_orphans, write_json_atomic
 from afm.training.shards import (
+    META,
     STATS,
     check_meta,
     complete_shards,
@@ -247,7 +248,10 @@ def generate_synthetic_data(
         for i in range(config.num_shards)
         if i % world_size == rank and i not in complete_shards(out)
     ]
-    remove_orphans(out, prefix=".shard-")  # of killed runs (their process is gone)
+    # Leftovers of killed runs: only those of the shards this worker writes (a worker on
+    # another machine may be writing its own; its pid means nothing here).
+    owned = tuple(f".{shard_name(i)}.tmp-" for i in todo)
+    remove_orphans(out, owned + ((f".{META}.tmp-", f".{STATS}.tmp-") if rank == 0 else ()))
     if max_shards is not None:
         todo = todo[:max_shards]
     llm = None

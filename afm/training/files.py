@@ -30,6 +30,8 @@ __all__ = [
     "DamagedFileError",
     "OutputInUseError",
     "RunLock",
+    "is_temporary",
+    "lock_name",
     "pid_alive",
     "read_json",
     "remove_orphans",
@@ -109,16 +111,23 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_orphans(directory: str | os.PathLike[str], *, prefix: str = ".") -> list[str]:
-    """Delete ``.NAME.tmp-PID`` entries of ``directory`` (starting with ``prefix``) whose
-    process is gone: what a killed writer left behind.  Returns the names removed."""
+def is_temporary(name: str) -> bool:
+    """True for a temporary name of :func:`tmp_name` (``.NAME.tmp-PID``)."""
+    return _ORPHAN.match(name) is not None
+
+
+def remove_orphans(directory: str | os.PathLike[str], prefixes: tuple[str, ...]) -> list[str]:
+    """Delete ``.NAME.tmp-PID`` entries of ``directory`` that start with one of
+    ``prefixes`` and whose process is gone: what a killed writer left behind.  The
+    caller names only entries no process on another machine writes.  Returns the names
+    removed."""
     d = Path(directory)
     removed: list[str] = []
-    if not d.is_dir():
+    if not d.is_dir() or not prefixes:
         return removed
     for entry in sorted(d.iterdir()):
         m = _ORPHAN.match(entry.name)
-        if not m or not entry.name.startswith(prefix) or pid_alive(int(m.group(1))):
+        if not m or not entry.name.startswith(prefixes) or pid_alive(int(m.group(1))):
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)
@@ -140,6 +149,11 @@ def _owner(fd: int) -> dict[str, Any]:
     return owner if isinstance(owner, dict) else {}
 
 
+def lock_name(command: str) -> str:
+    """The lock file's name of ``command`` in its output directory."""
+    return f".{command}.lock"
+
+
 class RunLock:
     """``with RunLock(out, "afm-train"):`` — refuse to share ``out`` with a running
     process (:class:`OutputInUseError`), take over a stale lock, release on exit."""
@@ -147,7 +161,7 @@ class RunLock:
     def __init__(self, directory: str | os.PathLike[str], command: str) -> None:
         self.directory = Path(directory)
         self.command = command
-        self.path = self.directory / f".{command}.lock"
+        self.path = self.directory / lock_name(command)
         self._fd: int | None = None
 
     def acquire(self) -> None:

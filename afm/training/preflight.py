@@ -26,12 +26,13 @@ from afm.analog.layers import analog_layers
 from afm.models import load_model, load_tokenizer, resolve_model
 from afm.training.data import read_prompts
 from afm.training.data_checks import check_seq_len, check_token_ids, resolve_backend
-from afm.training.files import read_json
+from afm.training.files import is_temporary, lock_name, read_json
 from afm.training.run_config import ConfigError, RunConfig
 from afm.training.shards import complete_shards, load_synthetic_data
 from afm.validation import check_device, check_output_path, check_safetensors_files
 
 __all__ = [
+    "LOCK",
     "SUMMARY",
     "check_inputs",
     "check_output_dir",
@@ -44,6 +45,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 SUMMARY = "train_summary.json"
+LOCK = lock_name("afm-train")
 
 
 def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -69,8 +71,8 @@ def check_output_dir(cfg: RunConfig) -> bool:
     if not out.exists() or not any(out.iterdir()):
         return False
     if not (out / "run_config.json").exists():
-        only_lock = {e.name for e in out.iterdir()} <= {".afm-train.lock"}
-        if only_lock:  # a start that was killed before it wrote anything
+        started = all(e.name == LOCK or is_temporary(e.name) for e in out.iterdir())
+        if started:  # a start killed before its run_config.json was in place
             return False
         raise ConfigError(
             f"output directory {str(out)!r} is not empty and holds no afm-train run; "

@@ -34,7 +34,13 @@ from afm.training.batches import BatchOrder
 from afm.training.data import generate_synthetic_data
 from afm.training.distill import DistillResult, distill, make_student, save_student
 from afm.training.engines import make_accelerator
-from afm.training.files import OutputInUseError, RunLock, write_json_atomic, write_text_atomic
+from afm.training.files import (
+    OutputInUseError,
+    RunLock,
+    remove_orphans,
+    write_json_atomic,
+    write_text_atomic,
+)
 from afm.training.preflight import (
     SUMMARY,
     check_inputs,
@@ -252,6 +258,7 @@ def run_training(cfg: RunConfig, *, progress: bool = True) -> RunOutcome:
                 return _finished(cfg, summary)
             return _reevaluate(cfg, acc, teacher, tokenizer, summary)
         if acc.is_main_process:
+            remove_orphans(out, (".run_config.", f".{SUMMARY}.", ".eval.json."))
             _write_config(cfg)
         acc.wait_for_everyone()
         return _train(cfg, acc, teacher, tokenizer, resuming, progress, t_start)

@@ -5,8 +5,10 @@ weights onto the --preset chip, and the --help examples run as written."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +23,7 @@ from afm.training.files import RunLock
 from afm.training.run_config import build_run_config, data_config_from
 
 SMALL = list(load_script("bad_input_drill").SMALL_TRAIN)
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _train(fixtures, out, *args, model="model"):
@@ -139,6 +142,29 @@ def test_the_help_examples_run_as_written():
     assert cfg.data.num_tokens == 1_000_000 and cfg.train.lr == 1e-4
     gen_sets = _help_sets(gen_cli)
     assert gen_sets and data_config_from(None, gen_sets).num_tokens == 200_000
+
+
+def _doc_examples(module, prog: str) -> list[list[str]]:  # noqa: ANN001
+    """The example command lines of a CLI's docstring (continuations joined)."""
+    text = module.__doc__.replace("\\\n", " ")
+    return [
+        shlex.split(ln.strip())[1:] for ln in text.splitlines() if ln.strip().startswith(prog + " ")
+    ]
+
+
+@pytest.mark.parametrize("name", ["train", "generate", "evaluate", "lora"])
+def test_every_help_example_parses_and_resolves(name, monkeypatch):
+    module = importlib.import_module(f"afm.cli.{name}")
+    examples = _doc_examples(module, module.PROG)
+    assert examples, f"{module.PROG} --help shows no example"
+    monkeypatch.chdir(REPO)  # the examples' config paths are relative to the repository
+    for argv in examples:
+        args = module._parser().parse_args(argv)  # a usage error exits: the test fails
+        if name == "train":
+            build_run_config(args.model, args.output, preset=args.preset,
+                             config_file=args.config, sets=args.set)  # fmt: skip
+        elif name == "generate":
+            data_config_from(args.config, args.set)
 
 
 def test_nothing_is_left_in_a_new_output_when_the_model_is_truncated(fixtures, tmp_path, capsys):

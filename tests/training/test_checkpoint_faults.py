@@ -96,6 +96,7 @@ def test_a_damaged_newest_checkpoint_resumes_from_the_newest_intact_one(
         result, resumed = _resume(setup, out)
     assert result.resumed_from == 2
     assert "checkpoint-0000004 is damaged" in caplog.text
+    assert "resuming from" in caplog.text and "checkpoint-0000002, the newest intact" in caplog.text
     _assert_same(straight, resumed)
     assert _steps_logged(out) == [1, 2, 3, 4, 5, 6]  # cut back to step 2, no duplicates
     assert [p.name for p in list_checkpoints(out / "checkpoints")][-1] == "checkpoint-0000004"
