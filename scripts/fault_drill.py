@@ -90,6 +90,9 @@ class Start:
     lines: list[tuple[float, str]] = field(default_factory=list)
     events: dict[str, threading.Event] = field(default_factory=dict)
     stdout: str = ""
+    readers: list[threading.Thread] = field(default_factory=list)
+    writing: str = ""
+    """The checkpoint directory being written when a ``kill:checkpoint`` was sent."""
 
     def seen(self, phase: str) -> threading.Event:
         return self.events.setdefault(phase, threading.Event())
@@ -116,14 +119,16 @@ def _launch(out: Path, model: str) -> Start:
     def read_stdout() -> None:
         start.stdout = proc.stdout.read()
 
-    for fn in (read_stderr, read_stdout):
-        threading.Thread(target=fn, daemon=True).start()
+    start.readers = [threading.Thread(target=fn, daemon=True) for fn in (read_stderr, read_stdout)]
+    for reader in start.readers:
+        reader.start()
     return start
 
 
 def _wait(start: Start, timeout: float = 900) -> int:
     rc = start.proc.wait(timeout=timeout)
-    time.sleep(0.05)  # let the readers drain the pipes
+    for reader in start.readers:  # until the pipes are drained
+        reader.join(timeout=30)
     return rc
 
 
@@ -150,7 +155,13 @@ def _kill_in_phase(start: Start, phase: str, durations: dict[str, float], rng: r
     if phase == "checkpoint":
         ckpts = out / "checkpoints"
         while start.proc.poll() is None:  # poll for a checkpoint being written
-            if ckpts.is_dir() and any(p.name.endswith(".tmp") for p in ckpts.iterdir()):
+            writing = (
+                [p.name for p in ckpts.iterdir() if p.name.endswith(".tmp")]
+                if ckpts.is_dir()
+                else []
+            )
+            if writing:
+                start.writing = writing[0]
                 time.sleep(rng.uniform(0, 0.03))
                 break
             time.sleep(0.001)
@@ -273,7 +284,8 @@ class Fault:
 def _landed(start: Start) -> str:
     """The phase a killed start was in (the last phase line it printed)."""
     seen = [p for p in MARKERS if start.seen(p).is_set()]
-    return seen[-1] if seen else "start-up"
+    where = seen[-1] if seen else "start-up"
+    return f"{where}, writing {start.writing}" if start.writing else where
 
 
 def _start_with_fault(fault: Fault, out: Path, model: str, durations: dict[str, float],
@@ -346,10 +358,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fault {i:2d} {fault.kind:<18} {fault.what}", flush=True)
     final = _launch(run, args.model)
     rc = _wait(final)
-    completed = rc == 0 and "Traceback" not in final.stderr and "saved the analog" in final.stdout
+    completed = (
+        rc == 0 and "Traceback" not in final.stderr and (run / "train_summary.json").exists()
+    )
     if last is not None:
         last.survived = last.own_check and completed
-    print(f"final start: exit {rc}" + ("" if completed else f": {final.stderr[-800:]}"))
+    if completed:
+        resumed = json.loads((run / "train_summary.json").read_text()).get("resumed_from")
+        how = f"resumed from step {resumed}" if resumed else "trained from step 0"
+        how = "nothing left to do" if "nothing to do" in final.stdout else how
+        print(f"final start: exit 0 ({how})")
+    else:
+        print(f"final start: exit {rc}: {final.stderr[-800:]}")
     lost = compare(ref, run) if completed else ["the run did not complete"]
     for item in lost:
         print(f"  differs from the uninterrupted run: {item}")
