@@ -191,7 +191,6 @@ def _check_numbers(req: EvalRequest) -> None:
     for flag, value in (
         ("--threads", req.threads),
         ("--batch-size", req.batch_size),
-        ("--max-n", req.max_n),
         ("--max-new-tokens", req.max_new_tokens),
         ("--n-subsets", req.n_subsets),
         ("--sample-batch", req.sample_batch),
