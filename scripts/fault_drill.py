@@ -56,7 +56,7 @@ SMALL = (
     "--set", "data.seq_len=32",
     "--set", "data.sequences_per_shard=16",
     "--set", "data.batch_size=16",
-    "--set", "train.max_steps=16",
+    "--set", "train.max_steps=30",
     "--set", "train.per_device_batch_size=4",
     "--set", "train.save_steps=3",
     "--set", "train.save_total_limit=2",
@@ -68,6 +68,11 @@ SMALL = (
     "--set", "eval.calibration_batches=1",
     "--set", "num_threads=1",
 )  # fmt: skip
+
+TOTAL_STEPS, SAVE_STEPS = 30, 3  # as in SMALL
+#: The steps after which training-phase faults strike: one before each checkpoint, so a
+#: kill while writing a checkpoint lands at the step after and the next fault is later.
+SLOTS = tuple(range(SAVE_STEPS - 1, TOTAL_STEPS - 1, SAVE_STEPS))
 
 #: The INFO lines that open each phase (afm.training.run logs them).
 MARKERS = {
@@ -149,29 +154,55 @@ def _durations(times: dict[str, float], total: float) -> dict[str, float]:
     return {p: max(0.05, ends[p] - times[p]) for p in order}
 
 
-def _kill_in_phase(start: Start, phase: str, durations: dict[str, float], rng: random.Random,
-                   out: Path) -> bool:  # fmt: skip
-    """SIGKILL ``start`` at a random moment of ``phase``; False if it ended first."""
-    if phase == "checkpoint":
-        ckpts = out / "checkpoints"
-        while start.proc.poll() is None:  # poll for a checkpoint being written
-            writing = (
-                [p.name for p in ckpts.iterdir() if p.name.endswith(".tmp")]
-                if ckpts.is_dir()
-                else []
-            )
-            if writing:
-                start.writing = writing[0]
-                time.sleep(rng.uniform(0, 0.03))
-                break
-            time.sleep(0.001)
-    else:
-        event = start.seen(phase)
-        while not event.wait(0.05):
-            if start.proc.poll() is not None:
+def _last_step(out: Path) -> int:
+    """The step of the last complete row of ``log.jsonl`` (0: none)."""
+    try:
+        lines = (out / "log.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    for line in reversed(lines):
+        try:
+            return int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return 0
+
+
+def _until(start: Start, ready) -> bool:  # noqa: ANN001
+    """Wait until ``ready()``; False if the process ended first."""
+    while not ready():
+        if start.proc.poll() is not None:
+            return False
+        time.sleep(0.002)
+    return True
+
+
+def _writing_checkpoint(out: Path) -> str:
+    ckpts = out / "checkpoints"
+    names = [p.name for p in ckpts.iterdir() if p.name.endswith(".tmp")] if ckpts.is_dir() else []
+    return names[0] if names else ""
+
+
+def _kill_in_phase(start: Start, phase: str, target: int, durations: dict[str, float],
+                   rng: random.Random, out: Path) -> bool:  # fmt: skip
+    """SIGKILL ``start`` at a random moment of ``phase`` — for training, during the step
+    after ``target`` (for ``checkpoint``, while the next checkpoint is written); False if
+    the process ended first."""
+    if not _until(start, start.seen("training" if phase == "checkpoint" else phase).is_set):
+        return False
+    if phase in ("training", "checkpoint"):
+        time.sleep(0.2)  # the resumed run cuts log.jsonl back first (rows of older starts)
+        if not _until(start, lambda: _last_step(out) >= target):
+            return False
+        if phase == "checkpoint":
+            if not _until(start, lambda: bool(_writing_checkpoint(out))):
                 return False
-        span = durations[phase] * (0.5 if phase == "training" else 0.9)
-        time.sleep(rng.uniform(0, span))
+            start.writing = _writing_checkpoint(out)
+            time.sleep(rng.uniform(0, 0.03))
+        else:
+            time.sleep(rng.uniform(0, 0.8 * durations["training"] / TOTAL_STEPS))
+    else:
+        time.sleep(rng.uniform(0, 0.9 * durations[phase]))
     if start.proc.poll() is not None:
         return False
     start.proc.send_signal(signal.SIGKILL)
@@ -222,14 +253,29 @@ def _went_on(start: Start, rc: int | None) -> bool:
     return rc in (0, -signal.SIGKILL) and "Traceback" not in text and "afm-train: error" not in text
 
 
-def _plan(n: int, rng: random.Random) -> list[str]:
-    """``n`` faults, every kind once when ``n`` allows, ordered by the phase they hit."""
+def _in_training(kind: str) -> bool:
+    return kind not in ("kill:generation", "kill:final-save", "kill:evaluation")
+
+
+def _plan(n: int, rng: random.Random) -> list[tuple[str, int]]:
+    """``n`` faults ``(kind, target step)``, every kind once when ``n`` allows, ordered by
+    the phase they hit; training-phase faults get increasing steps (:data:`SLOTS`)."""
     kinds = list(KINDS) if n >= len(KINDS) else rng.sample(KINDS, n)
     kinds += [
         rng.choice([f"kill:{p}" for p in PHASES] + list(DAMAGES)) for _ in range(n - len(kinds))
     ]
-    rank = {"kill:generation": 0, "concurrent": 1, "kill:final-save": 8, "kill:evaluation": 9}
-    return sorted(kinds, key=lambda k: (rank.get(k, 5), rng.random()))
+    rank = {"kill:generation": 0, "kill:final-save": 8, "kill:evaluation": 9}
+    kinds.sort(key=lambda k: (rank.get(k, 5), rng.random()))
+    training = [k for k in kinds if _in_training(k)][: len(SLOTS)]
+    if len(training) > 1 and training[0] == "damage:checkpoint":  # none exists yet
+        training[0], training[1] = training[1], training[0]
+    targets = iter(sorted(rng.sample(SLOTS, len(training))))
+    others = [k for k in kinds if not _in_training(k)]
+    return (
+        [(k, 0) for k in others if k == "kill:generation"]
+        + [(k, next(targets)) for k in training]
+        + [(k, 0) for k in others if k != "kill:generation"]
+    )
 
 
 # --------------------------------------------------------------------------- comparing
@@ -274,6 +320,8 @@ def compare(ref: Path, run: Path) -> list[str]:
 @dataclass
 class Fault:
     kind: str
+    target: int = 0
+    """The step after which a training-phase fault strikes."""
     injected: bool = False
     what: str = ""
     own_check: bool = True
@@ -300,7 +348,7 @@ def _start_with_fault(fault: Fault, out: Path, model: str, durations: dict[str, 
         rc_loser = _wait(loser)
         refused = _clean_refusal(loser, rc_loser)
         fault.own_check = refused or (rc_loser == 0 and "nothing to do" in loser.stdout)
-        killed = _kill_in_phase(winner, "training", durations, rng, out)
+        killed = _kill_in_phase(winner, "training", fault.target, durations, rng, out)
         rc = -signal.SIGKILL if killed else winner.proc.returncode
         fault.injected = True
         fault.what = (
@@ -310,7 +358,7 @@ def _start_with_fault(fault: Fault, out: Path, model: str, durations: dict[str, 
         return _went_on(winner, rc) and _went_on_or_refused(loser, rc_loser)
     start = _launch(out, model)
     phase = fault.kind.split(":", 1)[1] if fault.kind.startswith("kill:") else "training"
-    killed = _kill_in_phase(start, phase, durations, rng, out)
+    killed = _kill_in_phase(start, phase, fault.target, durations, rng, out)
     rc = -signal.SIGKILL if killed else start.proc.returncode
     if not killed:
         fault.what = f"the start ended before the moment came (exit {rc})"
@@ -347,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     durations = _durations(_phase_times(reference), time.monotonic() - reference.t0)
     phases = ", ".join(f"{p} {d:.1f} s" for p, d in durations.items())
     print(f"reference run: {time.monotonic() - t0:.1f} s ({phases})")
-    faults = [Fault(kind) for kind in _plan(args.faults, rng)]
+    faults = [Fault(kind, target) for kind, target in _plan(args.faults, rng)]
     last: Fault | None = None
     for i, fault in enumerate(faults, 1):
         went_on = _start_with_fault(fault, run, args.model, durations, rng)
@@ -355,7 +403,8 @@ def main(argv: list[str] | None = None) -> int:
             last.survived = last.own_check and went_on
         if fault.injected:
             last = fault
-        print(f"fault {i:2d} {fault.kind:<18} {fault.what}", flush=True)
+        step = f"after step {fault.target:2d}" if fault.target else " " * 13
+        print(f"fault {i:2d} {fault.kind:<18} {step}  {fault.what}", flush=True)
     final = _launch(run, args.model)
     rc = _wait(final)
     completed = (
