@@ -36,6 +36,13 @@ class ClipKind(str, Enum):
     GAUSSIAN_PER_CHANNEL = "gaussian_per_channel"  # ±sigma·std(W_row) per output row
 
 
+class BoundManagement(str, Enum):
+    """What the ADC does about outputs past its bound (spec §4.3)."""
+
+    NONE = "none"  # saturate (clip at ±B, no gradient past it)
+    ITERATIVE = "iterative"  # re-run the token with inputs halved until nothing saturates
+
+
 class Backend(str, Enum):
     """Which implementation runs the analog forward."""
 
@@ -94,21 +101,41 @@ class InputQuantConfig:
 
 @dataclass(frozen=True)
 class OutputQuantConfig:
-    """ADC: per-tile output quantization with a global bound (spec §4.2)."""
+    """ADC: per-tile output quantization with a global bound (spec §4.2-4.3)."""
 
     bits: int | None = 8
     bound: float | None = 14.0
     """B = bound · r · a, in units of input range times weight range."""
+    per_channel: bool | None = None
+    """a of the bound: the channel's max|W| (True, aihwkit's column-wise weight mapping),
+    the tile's max|W| (False), or None: per channel exactly when clipping is per channel."""
+    bound_management: BoundManagement = BoundManagement.NONE
+    """``iterative``: aihwkit's ``BoundManagementType.ITERATIVE`` (needs dynamic inputs)."""
+    max_bm_factor: int = 1000
+    """Iterative bound management stops once the input reduction exceeds this."""
+    max_bm_res: float = 0.25
+    """... or exceeds ``max_bm_res / (2 / n_in)`` (the input step; aihwkit's defaults)."""
 
     def __post_init__(self) -> None:
         owner = "OutputQuantConfig"
         check_bits(owner, "bits", self.bits)
+        if self.per_channel is not None:
+            check_bool(owner, "per_channel", self.per_channel)
+        object.__setattr__(
+            self,
+            "bound_management",
+            coerce_enum(owner, "bound_management", BoundManagement, self.bound_management),
+        )
+        check_int(owner, "max_bm_factor", self.max_bm_factor, minimum=1)
+        check_real(owner, "max_bm_res", self.max_bm_res, strict=True)
         if self.bound is not None:
             check_real(owner, "bound", self.bound, strict=True)
             if self.bits is None:
                 fail(owner, "bound", self.bound, "a bound needs output bits (bits is None)")
         elif self.bits is not None:
             fail(owner, "bound", self.bound, "output bits need a bound")
+        if self.bound_management is not BoundManagement.NONE and self.bits is None:
+            fail(owner, "bound_management", self.bound_management.value, "needs an ADC (bits)")
 
 
 @dataclass(frozen=True)
@@ -143,10 +170,13 @@ class OutputNoiseConfig:
     """Relative to r · a (input range times the weight range)."""
     per_channel: bool = True
     """a = per-channel max|W| (True) or the tile's max|W| (False)."""
+    keep_at_eval: bool = False
+    """Also at inference (aihwkit's analog MVM adds its output noise in eval mode too)."""
 
     def __post_init__(self) -> None:
         check_real("OutputNoiseConfig", "std", self.std)
         check_bool("OutputNoiseConfig", "per_channel", self.per_channel)
+        check_bool("OutputNoiseConfig", "keep_at_eval", self.keep_at_eval)
 
 
 @dataclass(frozen=True)
@@ -227,6 +257,14 @@ class AnalogConfig:
                 "output_noise",
                 self.output_noise,
                 "output noise is relative to the input range: it needs input ranges",
+            )
+        if self.output.bound_management is not BoundManagement.NONE and not self.input.dynamic:
+            fail(
+                owner,
+                "output",
+                self.output,
+                "bound management re-scales each token's dynamic input range: it needs "
+                "input.dynamic=True (static learned ranges are not supported)",
             )
 
     def num_tiles(self, in_features: int) -> int:

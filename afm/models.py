@@ -10,6 +10,11 @@ Any other string is passed through unchanged (a local directory or a hub id).
 resolved name; if that fails because the name is neither an alias, nor a local
 directory, nor reachable on the hub, one :class:`ModelNotFoundError` says so,
 lists the aliases and explains how to point at a local directory.
+
+afm checkpoints: importing this module imports the ``afm`` package first, which registers
+afm's quantizer with transformers, so :func:`load_model` returns the analog model (this
+module sits below ``afm.analog`` and cannot import it; :func:`load_model` checks the
+registration instead).
 """
 
 from __future__ import annotations
@@ -75,10 +80,22 @@ def _load(loader: Any, name_or_path: str | Path, **kwargs: Any) -> Any:
         raise _not_found(name, resolved, err) from err
 
 
+def _require_afm_quantizer() -> None:
+    from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
+
+    if "afm" not in AUTO_QUANTIZER_MAPPING:
+        raise RuntimeError(
+            "afm's quantizer is not registered with transformers, so an afm checkpoint "
+            "would load as a digital model; import afm (import afm.analog.hf) first"
+        )
+
+
 def load_model(name_or_path: str | Path, **kwargs: Any) -> Any:
-    """``AutoModelForCausalLM.from_pretrained`` on the resolved alias/path/hub id."""
+    """``AutoModelForCausalLM.from_pretrained`` on the resolved alias/path/hub id (an afm
+    checkpoint comes back analog: afm's quantizer is registered)."""
     from transformers import AutoModelForCausalLM
 
+    _require_afm_quantizer()
     return _load(AutoModelForCausalLM, name_or_path, **kwargs)
 
 

@@ -28,6 +28,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from afm import bound_management as bm
 from afm.config import AnalogConfig, ClipKind, WeightNoiseKind
 from afm.kernels.torch_chains import TorchElementwise
 
@@ -85,15 +86,22 @@ def input_steps(config: AnalogConfig) -> int | None:
 
 def noise_in_mode(config: AnalogConfig, training: bool) -> tuple[bool, bool]:
     """``(weight noise on, output noise on)`` for a forward in this mode (spec §4,
-    "Training vs eval"): weight noise in training, or at eval with ``keep_at_eval``;
-    output noise in training only.  Every backend and the layer ask this function."""
+    "Training vs eval"): each in training, and at eval when its ``keep_at_eval`` is set
+    (aihwkit's analog MVM keeps its output noise at inference).  Every backend and the
+    layer ask this function."""
     wn, on = config.weight_noise, config.output_noise
-    return wn.enabled and (training or wn.keep_at_eval), on.std > 0 and training
+    return (
+        wn.enabled and (training or wn.keep_at_eval),
+        on.std > 0 and (training or on.keep_at_eval),
+    )
 
 
 def adc_per_channel(config: AnalogConfig) -> bool:
-    """Whether the ADC bound uses the per-channel weight range ``a[s, i]`` (spec §4.2:
-    when clipping is per channel) rather than the tile's ``a[s]``."""
+    """Whether the ADC bound uses the per-channel weight range ``a[s, i]`` rather than the
+    tile's ``a[s]`` (spec §4.2): ``output.per_channel``, or when that is None, exactly when
+    clipping is per channel."""
+    if config.output.per_channel is not None:
+        return config.output.per_channel
     return config.clip.kind is ClipKind.GAUSSIAN_PER_CHANNEL
 
 
@@ -259,6 +267,7 @@ def _forward(
         w_eff = noisy_weight(weight, a, bounds, wn.kind, wn.std, gen)
 
     per_channel_adc = adc_per_channel(config)
+    bm_limit = bm.bound_management_limit(config) if bm.iterative(config) else None
     r_all = input_range.detach().float()
     out = None
     saved, units, clips, out_masks = [], [], [], []
@@ -288,15 +297,21 @@ def _forward(
         xq = xq.to(dtype)
         y = (xq @ ws.t()).float()  # in units of `unit`
         # ---- output noise (§4.1): σ_o · r · a · ξ ----
+        noise = None
         if o_noise_on:
             a_o = a[s] if on.per_channel else a[s].amax()
-            xi = torch.randn(y.shape, generator=gen, device=y.device, dtype=torch.float32)
-            y = y.addcmul_(xi, on.std * a_o * r_per_unit)
-        # ---- ADC (§4.2): Δ_out = 2B/n_out, B = bound · r · a ----
+            noise = bm.output_noise(gen, on.std * a_o * r_per_unit)
+            y = noise(y)
+        # ---- ADC (§4.2): Δ_out = 2B/n_out, B = bound · r · a; bound management (§4.3) ----
         out_mask = None
         if n_out is not None:
             a_b = a[s] if per_channel_adc else a[s].amax()
             step = (2 * cfg_out.bound / n_out) * a_b.clamp_min(tiny) * r_per_unit
+            if bm_limit is not None:
+                bm.rerun_saturated(
+                    xf, r_s, ws, y, xq, unit,
+                    step=step, n_in=n_in, n_out=n_out, limit=bm_limit, noise=noise,
+                )  # fmt: skip
             out, out_mask = elementwise.adc_accumulate(y, step, unit, n_out, out, bias, save=save)
         elif out is None and bias is not None:
             out = torch.addcmul(bias.float(), y, unit)
@@ -338,17 +353,9 @@ class AnalogLinearFunction(torch.autograd.Function):
         elementwise: type = TorchElementwise,
     ) -> Tensor:
         out, state = _forward(
-            x,
-            weight,
-            bias,
-            input_range,
-            config,
-            training,
-            seed,
-            abs_max,
-            save=True,
-            elementwise=elementwise,
-        )
+            x, weight, bias, input_range, config, training, seed, abs_max,
+            save=True, elementwise=elementwise,
+        )  # fmt: skip
         w_eff, r_all, saved, units, clips, out_masks = state
         ctx.config, ctx.x_shape, ctx.has_bias = config, x.shape, bias is not None
         ctx.elementwise = elementwise
@@ -480,14 +487,6 @@ def analog_linear(
             x, w, bias, input_range, config, training, seed, abs_max, elementwise
         )
     return _forward(
-        x,
-        w,
-        bias,
-        input_range,
-        config,
-        training,
-        seed,
-        abs_max,
-        save=False,
-        elementwise=elementwise,
-    )[0]
+        x, w, bias, input_range, config, training, seed, abs_max,
+        save=False, elementwise=elementwise,
+    )[0]  # fmt: skip

@@ -4,8 +4,9 @@
     python scripts/demo_lora_tiny.py --out runs/demo_lora_tiny.json
 
 1. The tiny teacher (``afm/assets/tiny``) is converted with the ``ahwa-lora`` preset
-   (input ranges calibrated on toy-world training documents) and frozen: the analog
-   meta-weights are programmed once.
+   (the AHWA-LoRA code's chip: dynamic 8-bit inputs, 8-bit ADC with iterative bound
+   management, output noise also at inference, every linear layer analog, the head
+   included) and frozen: the analog meta-weights are programmed once.
 2. Three digital LoRA adapters are trained on this one base (rank ``--r`` on every
    analog layer, <= 5 % trainable parameters each; ``--task-a`` / ``--task-b`` pick
    other bundled tasks from ``afm.toyworld.lora_tasks``):
@@ -15,8 +16,9 @@
                   layers in eval mode: quantization only);
    ``facts-new``  a new set of facts (24 unseen entities), trained under noise.
 3. Each is evaluated on its task's test split without deployment noise and under
-   deployment noise (``--noise``, default PCM programming noise at ``--noise-scales``
-   1, 3 and 5 times its sigma),
+   deployment noise (``--noise``; default ``preset``: the ahwa-lora protocol, aihwkit's
+   PCM model with drift and per-tile drift compensation at ``--drift-times``; or e.g.
+   ``pcm`` at ``--noise-scales`` times its sigma),
    one programmed chip per seed, mean ± std over ``--seeds`` seeds; the base alone
    with ``disable_adapter()``.  Adapters are swapped with ``set_adapter`` on the same
    base, and the base is checked to be bitwise unchanged at the end.
@@ -25,6 +27,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import statistics
@@ -46,9 +49,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps-b", type=int, default=200, help="training steps of the task-b one")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--noise", default="pcm", help="deployment noise model (afm.analog.noise)")
     ap.add_argument(
-        "--noise-scales", default="1,3,5", help="deployment noise multipliers (comma separated)"
+        "--noise",
+        default="preset",
+        help="deployment noise model (afm.analog.noise); 'preset': ahwa-lora's (pcm-drift, "
+        "mode aihwkit)",
+    )
+    ap.add_argument(
+        "--drift-times", default="0s,1h,1y,10y", help="drift times of a pcm-drift noise"
+    )
+    ap.add_argument(
+        "--noise-scales", default="1", help="deployment noise multipliers (comma separated)"
     )
     ap.add_argument("--seeds", type=int, default=5, help="deployment-noise seeds (chips)")
     ap.add_argument("--n-eval", type=int, default=None, help="test items per task (all)")
@@ -64,8 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     import afm
     import afm.lora as L
     from afm import toyworld as tw
-    from afm.analog.noise import apply_noise_, get_noise_model
+    from afm.analog.noise import apply_noise_, format_duration, get_noise_model, parse_duration
     from afm.models import load_tokenizer, resolve_model
+    from afm.presets import eval_noise_of
     from afm.toyworld import lora_tasks as T
 
     base_dir = resolve_model(args.base)
@@ -126,15 +138,32 @@ def main(argv: list[str] | None = None) -> int:
         (f"+ {a} adapter (other task)", a, b, eval_b),
         (f"+ {b} adapter, trained under ahwa-lora noise", b, b, eval_b),
     ]
-    noise_models = [
-        get_noise_model(args.noise, scale=float(x)) for x in args.noise_scales.split(",")
-    ]
+    spec = eval_noise_of("ahwa-lora") if args.noise == "preset" else {"name": args.noise}
+    name = spec.pop("name")
+    noise_models = []
+    for x in args.noise_scales.split(","):
+        nm = get_noise_model(name, **spec, scale=float(x))
+        if hasattr(nm, "t_inference"):
+            for t in args.drift_times.split(","):
+                noise_models.append(dataclasses.replace(nm, t_inference=parse_duration(t)))
+        else:
+            noise_models.append(nm)
+
+    def cond_label(nm) -> str:
+        t = getattr(nm, "t_inference", None)
+        return (
+            nm.name
+            + ("" if t is None else f" @ {format_duration(t)}")
+            + (f" x{nm.scale:g}" if nm.scale != 1 else "")
+        )
+
     conditions = [("no deployment noise", None, [None])] + [
-        (nm.label, nm, list(range(args.seeds))) for nm in noise_models
+        (cond_label(nm), nm, list(range(args.seeds))) for nm in noise_models
     ]
     results: dict[tuple[str, str], dict[str, list[float]]] = {}
     t = time.perf_counter()
     torch.set_grad_enabled(False)
+    torch.manual_seed(args.seed)  # the chip's eval-time output noise without a programmed chip
     for cond, noise_model, seeds in conditions:
         for seed in seeds:
             handle = apply_noise_(pm, noise_model, seed, only_analog=True) if noise_model else None
@@ -182,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(
         f"Accuracy (%) on the test splits; deployment noise: "
-        f"{', '.join(nm.label for nm in noise_models)}, "
+        f"{', '.join(cond_label(nm) for nm in noise_models)}, "
         f"{args.seeds} chips (mean ± std).\n{a}: {task_a.description}\n{b}: {task_b.description}"
     )
     print(table)

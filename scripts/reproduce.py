@@ -50,6 +50,15 @@ class Scale:
     ttc_args: tuple[str, ...] = ("--limit", "50", "--spread", "--max-n", "64", "--seeds", "5")
     stress_scale: float = 3.0
     threads: tuple[str, ...] = ("--threads", "1")
+    # afm-lora --mode sft / grpo (TRL) on the bundled teacher: (sft flags, grpo flags)
+    trl_args: tuple[tuple[str, ...], tuple[str, ...]] = (
+        tuple("--steps 200 --batch-size 16 --lr 2e-3 --eval-every 50".split()),
+        tuple(
+            "--steps 60 --batch-size 32 --num-generations 8 --lr 1e-3 "
+            "--max-completion-length 32 --eval-every 20".split()
+        ),
+    )
+    trl_eval: tuple[str, ...] = ("--curve-n", "60", "--curve-seeds", "3")
 
 
 def make_scale(scale: str, mini: bool) -> Scale:
@@ -89,6 +98,14 @@ def make_scale(scale: str, mini: bool) -> Scale:
         drift_times="0s,1y",
         lora_args=("--steps", "2", "--eval-n", "2", "--noise-seeds", "2", "--calib-steps", "1"),
         ttc_args=("--limit", "2", "--max-n", "2", "--max-new-tokens", "8", "--seeds", "1"),
+        trl_args=(
+            tuple("--steps 2 --batch-size 4 --eval-every 1".split()),
+            tuple(
+                "--steps 2 --batch-size 4 --num-generations 2 --max-completion-length 8 "
+                "--eval-every 1".split()
+            ),
+        ),
+        trl_eval=("--eval-n", "2", "--curve-n", "2", "--curve-seeds", "1", "--calib-steps", "1"),
     )
 
 
@@ -333,8 +350,8 @@ def _model_stages(model: str, tag: str, out: Path, sc: Scale) -> list[Stage]:
                         "mul",
                         "--output",
                         str(d("lora") / "adapter"),
-                        "--noise",
-                        "pcm-drift",
+                        "--preset",  # the base keeps its afm-paper chip; the evaluation is
+                        "ahwa-lora",  # AHWA-LoRA's: aihwkit PCM drift (hardware-model §5c)
                         "--drift-times",
                         sc.drift_times,
                         *sc.lora_args,
@@ -346,9 +363,11 @@ def _model_stages(model: str, tag: str, out: Path, sc: Scale) -> list[Stage]:
             ],
             [st("afm-paper")],
             what="AHWA-LoRA adapter (new toy-world task 'mul') on the analog AFM base: "
-            "base vs adapter under PCM noise and drift",
+            "base vs adapter under AHWA-LoRA's evaluation noise (aihwkit PCM drift)",
         )
     )
+    if model == "tiny":
+        stages.append(_trl_stage(d("lora-trl"), st("lora-trl"), sc))
     ttc = []
     for spec in [teacher, *students]:
         label = spec.split("label=")[1].split(",")[0]
@@ -378,6 +397,30 @@ def _model_stages(model: str, tag: str, out: Path, sc: Scale) -> list[Stage]:
         Stage(st("ttc"), ttc, sdeps, what="test-time compute: majority vote vs N under noise")
     )
     return stages
+
+
+def _trl_stage(out: Path, name: str, sc: Scale) -> Stage:
+    """AHWA-LoRA with TRL on the bundled teacher under the tiny demos' chip: an SFT
+    adapter (hardware-aware, toy-world arithmetic), then GRPO on top of it with the
+    exact-match reward; base / SFT / GRPO on the same chips, curves vs step."""
+    common = [
+        *"--base tiny --preset tiny-stress --task arith --noise pcm --quiet".split(),
+        *("--noise-scale", f"{sc.stress_scale:g}", "--noise-seeds", str(sc.seeds)),
+        *sc.trl_eval,
+        *("--eval-out", str(out), "--threads", "1"),
+    ]
+    sft = ["--mode", "sft", "--output", str(out / "sft"), *sc.trl_args[0], *common]
+    grpo = [
+        *("--mode", "grpo", "--init-adapter", str(out / "sft"), "--output", str(out / "grpo")),
+        *("--reward", "exact-match", *sc.trl_args[1], *common),
+    ]
+    return Stage(
+        name,
+        [("afm-lora", sft), ("afm-lora", grpo)],
+        what="AHWA-LoRA with TRL on the bundled teacher (chip tiny-stress, PCM "
+        f"x{sc.stress_scale:g} at evaluation): SFT adapter on toy-world arithmetic, then GRPO "
+        "on top (exact-match reward, rollouts on the noisy chip)",
+    )
 
 
 # ---------------------------------------------------------------------------- hashing

@@ -93,10 +93,11 @@ def test_preset_table_of_the_spec():
     assert afm.output_noise.std == 0
     assert afm.clip == ClipConfig(ClipKind.GAUSSIAN_PER_CHANNEL, 2.5)
     assert afm.max_input_size is None
-    lora = get_preset("ahwa-lora")
-    assert (lora.input.bits, lora.output.bits, lora.output.bound) == (8, 8, 10.0)
-    assert lora.weight_noise == WeightNoiseConfig(WeightNoiseKind.ADD_GAUSS, 0.067)
-    assert lora.output_noise.std == 0.04
+    lora = get_preset("ahwa-lora")  # the AHWA-LoRA code's chip (tests/test_chips.py)
+    assert (lora.input.bits, lora.output.bits, lora.output.bound) == (8, 8, 12.0)
+    assert lora.input.dynamic and lora.output.bound_management.value == "iterative"
+    assert lora.weight_noise == WeightNoiseConfig(WeightNoiseKind.ADD_GAUSS_PER_CHANNEL, 0.067)
+    assert lora.output_noise.std == 0.04 and lora.output_noise.keep_at_eval
     assert lora.clip == ClipConfig(ClipKind.GAUSSIAN, 3.0)
     assert lora.max_input_size == 512
     ideal = get_preset("ideal")

@@ -55,7 +55,7 @@ def test_mini_pipeline_end_to_end_and_resume(
     out = tmp_path / "tiny"
     names = [s.name for s in rp.build_stages(out, rp.make_scale("tiny", True))]
     expected = {"teacher", "afm-paper", "afm-stress", "w4a8", "students", "rtn-w4"}
-    expected |= {"robustness", "lora", "ttc"}
+    expected |= {"robustness", "lora", "lora-trl", "ttc"}
     assert set(names) == expected
 
     assert rp.main(["--scale", "tiny", "--mini", "--out", str(out)]) == 0

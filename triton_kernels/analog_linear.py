@@ -132,6 +132,9 @@ def _plan(config: Any) -> _Plan:
         raise NotImplementedError(
             f"weight_noise.kind={kind!r} is not supported by the triton backend"
         )
+    if str(_val(getattr(cout, "bound_management", "none"))) != "none":  # auto picks torch
+        msg = "output.bound_management is not supported by the triton backend yet: use torch"
+        raise NotImplementedError(msg)
     wq = config.weight_quant
     return _Plan(
         n_in=n_in,

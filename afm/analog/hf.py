@@ -1,20 +1,29 @@
 """transformers integration: quantization method "afm".
 
-After ``import afm``, ``model.save_pretrained(dir)`` of a converted model writes its
-hardware config into ``config.json`` (``quantization_config.quant_method == "afm"``)
-and ``AutoModelForCausalLM.from_pretrained(dir)`` rebuilds the analog layers on the
-meta device before the weights (and ``input_range`` tensors) are loaded.  A plain
-checkpoint can be converted on the fly with
+``afm.convert`` puts a *live* :class:`AfmQuantizationConfig` on ``model.config``: it
+describes the model's analog layers as they are whenever it is serialised, so a plain
+``model.save_pretrained(dir)`` writes the hardware config into ``config.json``
+(``quantization_config.quant_method == "afm"``) even after ``AnalogLinear.set_config``
+or ``afm.set_chip`` changed a layer's chip; ``afm.revert`` removes it.  After
+``import afm``, ``AutoModelForCausalLM.from_pretrained(dir)`` rebuilds the analog layers
+on the meta device before the weights (and ``input_range`` tensors) are loaded, and
+:mod:`afm.analog.load_checks` (installed by :mod:`afm.analog.guards`) refuses
+checkpoints whose chip or tensors are missing or damaged.  A plain checkpoint can be
+converted on the fly with
 ``from_pretrained(dir, quantization_config=AfmQuantizationConfig(config))``.
 
 There is no plugin discovery in transformers: without ``import afm`` it only logs
-"Unknown quantization type" and loads plain Linear layers.  afm's own loaders
-(``afm.models.load_model``) always import it.
+"Unknown quantization type" and loads plain Linear layers.  Importing any afm module
+(``afm.models``, the CLIs, the lm-eval model) runs ``afm/__init__`` first, which imports
+this module.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
+import weakref
+from collections.abc import Iterator
 from typing import Any
 
 from torch import nn
@@ -26,6 +35,11 @@ from transformers.quantizers.auto import (
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from afm.analog.layers import AnalogLinear, analog_layers
+from afm.analog.load_checks import (
+    LOAD_CONTEXT_ATTR,
+    LoadContext,
+    check_loaded_tensors,
+)
 from afm.analog.select import is_linear_like, name_matches, set_module
 from afm.config import CONFIG_VERSION, AnalogConfig
 from afm.presets import get_preset
@@ -34,17 +48,77 @@ logger = logging.getLogger(__name__)
 
 QUANT_METHOD = "afm"
 _KNOWN_KEYS = {"quant_method", "version", "config", "modules", "overrides", "convert_lm_head"}
+#: Wrapper modules torch inserts into module names (FSDP, activation checkpointing);
+#: the checkpoint's names do not have them.
+_WRAPPER_PARTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module")
+
+
+def _checkpoint_config(value: Any, where: str) -> AnalogConfig:
+    """An ``AnalogConfig`` from a preset name, an instance or a *complete* dict.
+
+    A dict must state every field: a checkpoint's chip is never completed from defaults
+    (afm writes full dicts; a new field needs a ``CONFIG_VERSION`` bump and a default for
+    older versions here).
+    """
+    if isinstance(value, AnalogConfig):
+        return value
+    if isinstance(value, str):
+        return get_preset(value)
+    if not isinstance(value, dict):
+        raise ValueError(
+            f"afm quantization_config: {where}={value!r} is invalid: a checkpoint must state "
+            "its chip (an AnalogConfig dict, as afm writes it); to convert on the fly pass "
+            "a preset name or an AnalogConfig"
+        )
+    full = AnalogConfig().to_dict()
+    missing = sorted(set(full) - set(value) - {"version"})
+    missing += sorted(
+        f"{name}.{field}"
+        for name, section in full.items()
+        if isinstance(section, dict) and isinstance(value.get(name), dict)
+        for field in section
+        if field not in value[name]
+    )
+    if missing:
+        raise ValueError(
+            f"afm quantization_config: {where} lacks {', '.join(missing)}: a checkpoint "
+            "must state its whole chip (re-save the analog model with model.save_pretrained)"
+        )
+    return AnalogConfig.from_dict(value)
+
+
+def _clean_name(name: str) -> str:
+    return ".".join(p for p in name.split(".") if p not in _WRAPPER_PARTS)
+
+
+def _describe(model: nn.Module) -> tuple[AnalogConfig, list[str], dict[str, AnalogConfig]]:
+    """``(most common config, analog layer names, {name: config} of the others)``."""
+    layers = {_clean_name(n): m for n, m in analog_layers(model).items()}
+    if not layers:
+        raise ValueError(
+            "the model has no AnalogLinear layers: call afm.convert first (or afm.revert, "
+            "which also removes the afm quantization_config)"
+        )
+    configs = [layer.analog_config for layer in layers.values()]
+    default = max(set(configs), key=configs.count)
+    overrides = {n: m.analog_config for n, m in layers.items() if m.analog_config != default}
+    return default, sorted(layers), overrides
 
 
 class AfmQuantizationConfig(QuantizationConfigMixin):
     """The afm hardware model as a transformers quantization config.
 
     Args:
-        config: the default ``AnalogConfig`` (or its dict, or a preset name).
+        config: the default ``AnalogConfig``, a preset name, or its complete dict.  Required:
+            a checkpoint must state its chip (``None`` is an error, never a default chip).
         modules: qualified names of the analog layers; None converts every linear
             layer except the output head (used when converting a plain checkpoint).
         overrides: ``{module name: AnalogConfig dict}`` for layers whose config differs.
         convert_lm_head: with ``modules=None``, also make the output head analog.
+
+    A config *bound* to a model (what ``afm.convert`` and ``from_pretrained`` put on
+    ``model.config``) reads ``config`` / ``modules`` / ``overrides`` from the model's
+    analog layers each time, so what ``save_pretrained`` writes is never stale.
     """
 
     def __init__(
@@ -73,58 +147,97 @@ class AfmQuantizationConfig(QuantizationConfigMixin):
                 f"afm quantization_config: checkpoint version {version} is newer than this "
                 f"afm understands ({CONFIG_VERSION}); upgrade afm (pip install -U afm)"
             )
+        if config is None:
+            raise ValueError(
+                "afm quantization_config: 'config' is missing: a checkpoint must state its "
+                "chip (afm never substitutes a default); to convert on the fly pass one, "
+                "e.g. AfmQuantizationConfig('afm-paper')"
+            )
         self.quant_method = QUANT_METHOD
         self.version = version
-        if config is None:
-            config = get_preset("afm-paper")
-        elif isinstance(config, str):
-            config = get_preset(config)
-        elif isinstance(config, dict):
-            config = AnalogConfig.from_dict(config)
-        elif not isinstance(config, AnalogConfig):
-            raise ValueError(f"afm quantization_config: config={config!r} is invalid")
-        self.analog_config = config
+        self._model_ref: weakref.ref | None = None
+        self._analog_config = _checkpoint_config(config, "config")
         if modules is not None and (
             not isinstance(modules, list) or not all(isinstance(m, str) for m in modules)
         ):
             raise ValueError(
                 f"afm quantization_config: modules={modules!r} must be a list of names"
             )
-        self.modules = modules
-        self.overrides = {
-            k: AnalogConfig.from_dict(v) if isinstance(v, dict) else v
-            for k, v in (overrides or {}).items()
+        self._modules = modules
+        if not isinstance(overrides, (dict, type(None))):
+            raise ValueError(f"afm quantization_config: overrides={overrides!r} must be a dict")
+        self._overrides = {
+            k: _checkpoint_config(v, f"overrides[{k!r}]") for k, v in (overrides or {}).items()
         }
-        for k, v in self.overrides.items():
-            if not isinstance(v, AnalogConfig):
-                raise ValueError(f"afm quantization_config: overrides[{k!r}]={v!r} is invalid")
         self.convert_lm_head = bool(convert_lm_head)
 
+    # -- the model it describes ----------------------------------------------------------
     @classmethod
     def from_model(cls, model: nn.Module) -> AfmQuantizationConfig:
-        """Describe a model converted in memory (its analog layers and their configs)."""
-        layers = analog_layers(model)
-        if not layers:
-            raise ValueError("the model has no AnalogLinear layers; call afm.convert first")
-        configs = [layer.analog_config for layer in layers.values()]
-        default = max(set(configs), key=configs.count)
-        overrides = {
-            n: layer.analog_config.to_dict()
-            for n, layer in layers.items()
-            if layer.analog_config != default
-        }
-        return cls(default, modules=sorted(layers), overrides=overrides)
+        """A snapshot of a model's analog layers and their configs (not bound to it)."""
+        default, modules, overrides = _describe(model)
+        return cls(default, modules=modules, overrides=overrides)
+
+    @classmethod
+    def bound_to(cls, model: nn.Module) -> AfmQuantizationConfig:
+        """A config that describes ``model``'s analog layers as they are when read."""
+        qc = cls.from_model(model)
+        qc._model_ref = weakref.ref(model)
+        return qc
+
+    def _sync(self) -> None:
+        model = self._model_ref() if self._model_ref is not None else None
+        if model is not None:
+            self._analog_config, self._modules, self._overrides = _describe(model)
+            self.convert_lm_head = False  # modules lists the head when it is analog
+
+    @property
+    def analog_config(self) -> AnalogConfig:
+        self._sync()
+        return self._analog_config
+
+    @property
+    def modules(self) -> list[str] | None:
+        self._sync()
+        return self._modules
+
+    @property
+    def overrides(self) -> dict[str, AnalogConfig]:
+        self._sync()
+        return self._overrides
 
     def config_for(self, name: str) -> AnalogConfig:
         return self.overrides.get(name, self.analog_config)
 
+    # -- copies and serialisation --------------------------------------------------------
+    def __deepcopy__(self, memo: dict) -> AfmQuantizationConfig:
+        """A copy of a bound config made with its model (``copy.deepcopy(model)``) binds to
+        the model's copy; copied alone it still describes the same model."""
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            if key != "_model_ref":
+                new.__dict__[key] = copy.deepcopy(value, memo)
+        model = self._model_ref() if self._model_ref is not None else None
+        twin = memo.get(id(model)) if model is not None else None
+        new._model_ref = weakref.ref(twin) if twin is not None else self._model_ref
+        return new
+
+    def __getstate__(self) -> dict[str, Any]:  # pickling keeps a snapshot (no weakref)
+        self._sync()
+        return {**self.__dict__, "_model_ref": None}
+
+    def __iter__(self) -> Iterator[tuple[str, Any]]:  # dict(config), as the mixin allows
+        yield from self.to_dict().items()
+
     def to_dict(self) -> dict[str, Any]:
+        self._sync()
         return {
             "quant_method": QUANT_METHOD,
             "version": self.version,
-            "config": self.analog_config.to_dict(),
-            "modules": self.modules,
-            "overrides": {k: v.to_dict() for k, v in self.overrides.items()},
+            "config": self._analog_config.to_dict(),
+            "modules": self._modules,
+            "overrides": {k: v.to_dict() for k, v in self._overrides.items()},
             "convert_lm_head": self.convert_lm_head,
         }
 
@@ -157,9 +270,17 @@ class AfmHfQuantizer(HfQuantizer):
             names.append(name)
         return names
 
-    def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+    def _process_model_before_weight_loading(
+        self, model: nn.Module, checkpoint_files: list[str] | None = None, **kwargs: Any
+    ) -> nn.Module:
         qc: AfmQuantizationConfig = self.quantization_config
-        for name in self._target_modules(model):
+        targets = self._target_modules(model)
+        if not targets:
+            raise ValueError(
+                "afm quantization_config selects no layer of this model (modules="
+                f"{qc.modules!r}); an afm checkpoint lists its analog layers"
+            )
+        for name in targets:
             try:
                 module = model.get_submodule(name)
             except AttributeError:
@@ -172,17 +293,21 @@ class AfmHfQuantizer(HfQuantizer):
             layer = AnalogLinear.from_linear(module, qc.config_for(name))
             set_module(model, name, layer)
         if not self.pre_quantized:
-            # Converting a plain checkpoint: input_range is not in it.
+            # Converting a plain checkpoint: input_range is not in it (load_checks
+            # initialises it; this keeps it out of transformers' "MISSING" report).
             ignore = list(getattr(model, "_keys_to_ignore_on_load_missing", None) or [])
             model._keys_to_ignore_on_load_missing = ignore + [r"\.input_range$"]
+        files = tuple(str(f) for f in checkpoint_files or ())
+        setattr(model, LOAD_CONTEXT_ATTR, LoadContext(not self.pre_quantized, files))
         return model
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
-        if not self.pre_quantized:
-            for layer in analog_layers(model).values():
-                layer.input_range.data.fill_(layer.analog_config.input.init_value)
+        context: LoadContext | None = model.__dict__.pop(LOAD_CONTEXT_ATTR, None)
         for layer in analog_layers(model).values():
             layer.input_range.data = layer.input_range.data.float()
+        check_loaded_tensors(model, context.files if context is not None else ())
+        # From now on the config on the model describes its layers as they are.
+        model.config.quantization_config = AfmQuantizationConfig.bound_to(model)
         return model
 
     def update_dtype(self, dtype):  # noqa: ANN001, ANN201
@@ -204,8 +329,9 @@ class AfmHfQuantizer(HfQuantizer):
 
 
 def attach_quantization_config(model: nn.Module) -> nn.Module:
-    """Record the analog layers in ``model.config`` so ``save_pretrained`` writes them."""
-    model.config.quantization_config = AfmQuantizationConfig.from_model(model)
+    """Put a config bound to ``model`` on ``model.config`` (``afm.convert`` does it), so
+    ``save_pretrained`` writes the analog layers as they are when it is called."""
+    model.config.quantization_config = AfmQuantizationConfig.bound_to(model)
     return model
 
 

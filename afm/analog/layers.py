@@ -136,7 +136,9 @@ class AnalogLinear(nn.Linear):
     def backend_for(self, device: torch.device) -> Backend:
         backend = self._backends.get(device.type)
         if backend is None:
-            backend = dispatch.resolve_backend(self.analog_config.backend, device)
+            backend = dispatch.resolve_backend(
+                self.analog_config.backend, device, self.analog_config
+            )
             self._backends[device.type] = backend
         return backend
 

@@ -2,6 +2,8 @@
 
 * :func:`is_conv1d` / :func:`is_linear_like` — a GPT-2 ``Conv1D`` or an ``nn.Linear``;
 * :func:`name_matches` — does a module name match include / exclude / skip patterns;
+* :func:`check_patterns_match` — every pattern a caller passed selects something (an
+  error listing the closest layer names otherwise: a typo is never a silent no-op);
 * :func:`output_head_names` / :func:`untie_word_embeddings` — the output head and its
   tie to the input embedding;
 * :func:`is_adapter_name` — peft adapter matrices (``...q_proj.lora_A.default``);
@@ -13,13 +15,18 @@ ask these functions, so a rule means the same thing everywhere.
 
 from __future__ import annotations
 
+import difflib
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from torch import nn
 
 __all__ = [
+    "PatternMatchError",
     "Selector",
+    "check_patterns_match",
+    "closest_names",
+    "unmatched_error",
     "compile_patterns",
     "input_embedding_weight",
     "is_adapter_name",
@@ -68,6 +75,73 @@ def name_matches(name: str, patterns: Iterable[str | re.Pattern]) -> bool:
         if regex.search(name):
             return True
     return False
+
+
+class PatternMatchError(ValueError):
+    """A name pattern (include / exclude / overrides / skip / LoRA targets) selects nothing."""
+
+
+def closest_names(pattern: str | re.Pattern, names: Iterable[str], n: int = 3) -> list[str]:
+    """The names, or their dotted suffixes (``"q_proj"``, ``"self_attn.q_proj"``), closest
+    to ``pattern`` by difflib's ratio (at least 0.5); [] when none is close."""
+    text = pattern.pattern if isinstance(pattern, re.Pattern) else str(pattern)
+    # Short patterns are compared with the suffixes a user would type, not only with long
+    # qualified names (whose ratio to "q_prj" is always low).
+    suffixes = {
+        ".".join(parts[i:])
+        for parts in (name.split(".") for name in names)
+        for i in range(len(parts))
+    }
+    return difflib.get_close_matches(text, sorted(suffixes), n=n, cutoff=0.5)
+
+
+PatternMatcher = Callable[[str, str | re.Pattern], bool]
+
+
+def _default_matcher(name: str, pattern: str | re.Pattern) -> bool:
+    return name_matches(name, [pattern])
+
+
+def check_patterns_match(
+    what: str,
+    patterns: Iterable[str | re.Pattern] | None,
+    names: Iterable[str],
+    *,
+    matches: PatternMatcher = _default_matcher,
+    among: str = "layer",
+) -> None:
+    """Raise :class:`PatternMatchError` if a pattern matches none of ``names``.
+
+    Args:
+        what: where the patterns came from, for the message (``"afm.convert: include"``).
+        patterns: the caller's patterns (None: nothing to check).
+        names: the names the patterns may select (e.g. the model's linear layers).
+        matches: ``matches(name, pattern)``; default :func:`name_matches`.
+        among: what ``names`` are, for the message (``"linear layer"``).
+    """
+    if patterns is None:
+        return
+    names = list(names)
+    unmatched = [p for p in patterns if not any(matches(n, p) for n in names)]
+    if unmatched:
+        raise unmatched_error(what, unmatched, names, among=among)
+
+
+def unmatched_error(
+    what: str, unmatched: Iterable[str | re.Pattern], names: Iterable[str], *, among: str = "layer"
+) -> PatternMatchError:
+    """The one-line error for patterns that select nothing, with the closest names."""
+    names = list(names)
+    parts = []
+    for p in unmatched:
+        text = p.pattern if isinstance(p, re.Pattern) else str(p)
+        close = closest_names(p, names)
+        parts.append(f"{text!r} (closest: {', '.join(close)})" if close else repr(text))
+    examples = ", ".join(names[:3]) + (" ..." if len(names) > 3 else "")
+    return PatternMatchError(
+        f"{what}: {'; '.join(parts)} {'matches' if len(parts) == 1 else 'match'} no {among} "
+        f"of the model; its {len(names)} {among}s are named like {examples or '(none)'}"
+    )
 
 
 def output_head_names(model: nn.Module) -> set[str]:

@@ -20,6 +20,11 @@ from __future__ import annotations
 
 from typing import Any
 
+# First: afm's quantizer must be registered before any checkpoint is loaded, or an afm
+# checkpoint loads as a digital model (importing any afm module runs afm/__init__, which
+# imports it too; this says so where it matters).
+import afm.analog.hf  # noqa: F401, I001
+
 try:
     from lm_eval.api.registry import register_model
     from lm_eval.models.huggingface import HFLM

@@ -20,7 +20,7 @@ from afm.analog.convert import convert
 from afm.evaluate.specs import EvalInputError, ModelSpec
 from afm.export.rtn import rtn_w4
 from afm.models import ModelNotFoundError, load_model, load_tokenizer, resolve_model
-from afm.presets import PRESETS, get_preset
+from afm.presets import PRESETS, analog_head_of, get_preset
 from afm.toyworld.world import training_documents
 from afm.validation import check_safetensors_files
 
@@ -76,6 +76,13 @@ def check_model_spec(spec: ModelSpec) -> None:
         raise EvalInputError(f"dtype={spec.dtype!r}: choose one of {sorted(DTYPES)}")
     if spec.preset is not None and spec.preset not in PRESETS:
         raise EvalInputError(f"unknown preset {spec.preset!r}; available: {', '.join(PRESETS)}")
+    if spec.head is not None and spec.head not in ("analog", "digital"):
+        raise EvalInputError(f"head={spec.head!r}: choose 'analog' or 'digital'")
+    if spec.head is not None and spec.preset is None:
+        raise EvalInputError(
+            f"head={spec.head!r} needs preset=...: the head policy applies to an on-the-fly "
+            "conversion (a checkpoint keeps its own head, a plain model has no chip)"
+        )
     if spec.calib not in ("toyworld", "none") and not Path(spec.calib).is_file():
         raise EvalInputError(
             f"calibration data {spec.calib!r} is neither 'toyworld', 'none' nor a file"
@@ -110,7 +117,8 @@ def load_model_spec(spec: ModelSpec, device: str | torch.device = "cpu") -> tupl
             config = get_preset(spec.preset)
         except ValueError as err:
             raise EvalInputError(str(err)) from None
-        convert(model, config)
+        head = analog_head_of(spec.preset) if spec.head is None else spec.head == "analog"
+        convert(model, config, convert_lm_head=head)  # deployment noise follows (spec §7)
         if config.input.uses_range and spec.calib.lower() != "none":
             _calibrate(model, tokenizer, spec)
     if tokenizer.pad_token_id is None:

@@ -82,6 +82,9 @@ class ModelSpec:
             (one document a line, or ``{"text": ...}``), or ``"none"``.
         calib_steps: calibration batches (of 8 sequences).
         dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``.
+        head: the output head's policy with ``preset`` (spec §7): ``"analog"`` (converted,
+            programmed with the deployment noise) or ``"digital"`` (noise-free); None:
+            the preset's (``afm.presets.analog_head_of``).  A checkpoint keeps its own.
     """
 
     path: str
@@ -92,6 +95,7 @@ class ModelSpec:
     calib: str = "toyworld"
     calib_steps: int = 16
     dtype: str = "float32"
+    head: str | None = None
 
     @property
     def name(self) -> str:
@@ -134,6 +138,8 @@ class ModelSpec:
                 )
         if kwargs.get("preset", "").lower() in ("", "none"):
             kwargs.pop("preset", None)
+        if kwargs.get("head", "").lower() in ("", "none"):
+            kwargs.pop("head", None)
         return cls(**kwargs)
 
 

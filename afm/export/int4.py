@@ -168,7 +168,7 @@ def _digital_twin(model: nn.Module) -> nn.Module:
     return twin
 
 
-_TOKENIZER_FILES = (
+TOKENIZER_FILES = (
     "tokenizer*",
     "special_tokens_map.json",
     "added_tokens.json",
@@ -180,7 +180,7 @@ _TOKENIZER_FILES = (
 
 
 def _tokenizer_files(directory: Path) -> list[Path]:
-    files = {p for pattern in _TOKENIZER_FILES for p in directory.glob(pattern) if p.is_file()}
+    files = {p for pattern in TOKENIZER_FILES for p in directory.glob(pattern) if p.is_file()}
     return sorted(files)
 
 
@@ -332,8 +332,9 @@ def export_int4(
         group_size: None for one scale per output channel, else one scale per group of
             this many consecutive inputs (32, 64, 128 are what int4 kernels support);
             it must divide the input dimension of every quantized layer.
-        skip: linear layers kept in the model dtype, by exact name or dotted suffix
-            (default: the output head).
+        skip: linear layers kept in the model dtype, by exact name, dotted suffix or
+            regular expression (default: the output head); a pattern that matches no
+            linear layer is an error (with the closest names), never a silent no-op.
         tokenizer: a tokenizer or a path to save next to the model; default: the one in
             the source directory (or in ``model.name_or_path`` when that is a local
             directory).
@@ -343,8 +344,9 @@ def export_int4(
 
     Raises:
         ValueError: unmerged peft adapters, a non-empty ``out_dir``, an invalid group
-            size or one that does not divide a layer's input dimension, a model already
-            quantized by another method, a source that cannot be loaded.
+            size or one that does not divide a layer's input dimension, a ``skip``
+            pattern that matches no layer, a model already quantized by another method,
+            a source that cannot be loaded.
         ImportError: compressed-tensors is not installed.
     """
     out = Path(out_dir)
@@ -366,9 +368,7 @@ def export_int4(
     _refuse_foreign_quantizer(model)
 
     twin = _digital_twin(model)
-    targets, skipped = select_w4_layers(twin, skip)
-    if not targets:
-        raise ValueError(f"no linear layer to quantize (skip={tuple(skip)!r})")
+    targets, skipped = select_w4_layers(twin, skip)  # every skip pattern must match
     check_group_divides(targets, group_size)
     args = QuantizationArgs(
         num_bits=W4_BITS,

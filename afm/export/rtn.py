@@ -22,7 +22,12 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from afm.analog.select import is_adapter_name, name_matches, untie_word_embeddings
+from afm.analog.select import (
+    check_patterns_match,
+    is_adapter_name,
+    name_matches,
+    untie_word_embeddings,
+)
 from afm.config import AnalogConfig
 from afm.presets import get_preset
 from afm.reference import fake_quantize_weight
@@ -52,19 +57,32 @@ def select_w4_layers(
     (``afm.analog.select.name_matches``: exact name, dotted suffix such as ``"lm_head"``
     or ``"down_proj"``, or a regular expression); peft adapter matrices (``lora_A`` /
     ``lora_B``) are never quantized.
+
+    Raises:
+        PatternMatchError: a ``skip`` pattern matches no linear layer (a typo would
+            otherwise quantize the layer it meant, e.g. the output head).
+        ValueError: every linear layer is skipped (nothing would be quantized).
     """
     if isinstance(skip, str):
         skip = (skip,)
     skip = tuple(skip)
+    linear = {
+        name: module
+        for name, module in model.named_modules()
+        if name and isinstance(module, nn.Linear) and not is_adapter_name(name)
+    }
+    check_patterns_match("RTN-W4: skip", skip, linear, among="linear layer")
     targets: dict[str, nn.Linear] = {}
     skipped: list[str] = []
-    for name, module in model.named_modules():
-        if not name or not isinstance(module, nn.Linear) or is_adapter_name(name):
-            continue
+    for name, module in linear.items():
         if name_matches(name, skip):
             skipped.append(name)
         else:
             targets[name] = module
+    if not targets:
+        raise ValueError(
+            f"RTN-W4: no linear layer to quantize: skip={skip!r} matches all {len(linear)}"
+        )
     return targets, skipped
 
 

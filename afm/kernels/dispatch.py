@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from afm import reference
+from afm.bound_management import iterative
 from afm.config import AnalogConfig, Backend
 from afm.kernels.torch_chains import TorchElementwise
 
@@ -43,11 +44,25 @@ def numba_available() -> bool:
     return _importable("afm.kernels.numba_chains")
 
 
-def resolve_backend(requested: Backend, device: torch.device) -> Backend:
+def triton_unsupported(config: AnalogConfig | None) -> str | None:
+    """What of ``config`` the Triton kernels cannot simulate yet (None: nothing)."""
+    if config is not None and iterative(config):
+        return "output.bound_management='iterative'"
+    return None
+
+
+def resolve_backend(
+    requested: Backend, device: torch.device, config: AnalogConfig | None = None
+) -> Backend:
     """``auto`` → triton for CUDA tensors, numba for CPU tensors, when their kernels
-    import; else torch."""
+    import (and, for triton, can run ``config``); else torch."""
     if requested is Backend.TORCH:
         return Backend.TORCH
+    missing = triton_unsupported(config)
+    if requested is Backend.TRITON and missing:
+        raise RuntimeError(
+            f"backend='triton' cannot simulate {missing} yet; use backend='torch' or 'auto'"
+        )
     if requested is not Backend.AUTO:  # an explicit kernel backend must be there
         available, what, extra = {
             Backend.TRITON: (triton_available, "the Triton kernels", "triton"),
@@ -60,7 +75,9 @@ def resolve_backend(requested: Backend, device: torch.device) -> Backend:
             )
         return requested
     if device.type == "cuda" and triton_available():
-        return Backend.TRITON
+        if not missing:
+            return Backend.TRITON
+        logger.info("afm: the triton backend cannot simulate %s: torch instead", missing)
     if device.type == "cpu" and numba_available():
         return Backend.NUMBA
     return Backend.TORCH

@@ -94,6 +94,7 @@ class TorchElementwise:
         if first:
             out = y  # written in place, block by block
         mask = torch.empty(y.shape, dtype=torch.bool, device=y.device) if save else None
+        per_row = unit.dim() == 2  # dynamic ranges: one unit per token, [M, 1]
         for rows in _row_blocks(y.shape[0], y.shape[1], y.device):
             ys = y[rows].mul_(inv_step).round_()
             if mask is not None:
@@ -101,12 +102,13 @@ class TorchElementwise:
                 torch.ne(ys, yc, out=mask[rows])
             else:
                 yc = ys.clamp_(-half, half)
+            sc = scale[rows] if per_row else scale
             if not first:
-                out[rows].addcmul_(yc, scale)
+                out[rows].addcmul_(yc, sc)
             elif bias_f is not None:
-                torch.addcmul(bias_f, yc, scale, out=out[rows])
+                torch.addcmul(bias_f, yc, sc, out=out[rows])
             else:
-                torch.mul(yc, scale, out=out[rows])
+                torch.mul(yc, sc, out=out[rows])
         return out, mask
 
     @staticmethod

@@ -21,7 +21,10 @@ keeps them fixed and adapts the model with small *digital* LoRA adapters:
 ``import afm`` does not import this package (nor peft); use ``import afm.lora``
 (``pip install 'afm[peft]'``).  Modules: ``layer`` (the peft layer and the merge
 guard), ``model`` (attach / load / freeze), ``train`` (the adapter training loop),
-``experiment`` (``afm-lora`` end to end).
+``experiment`` (``afm-lora`` end to end).  With TRL (``pip install 'afm[trl]'``, imported
+only by these modules): ``sft`` (``SFTTrainer``), ``grpo`` (``GRPOTrainer``),
+``trl_common`` (what afm pins and checks), ``rewards``, ``instruct_data``, ``trl_eval``,
+``trl_experiment`` (``afm-lora --mode sft|grpo``).
 
 >>> import afm, afm.lora
 >>> model = afm.lora.load_analog_base("tiny", preset="ahwa-lora")

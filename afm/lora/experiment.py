@@ -28,6 +28,7 @@ from afm.evaluate.report import mean_std
 from afm.lora.model import attach_lora, load_analog_base, trainable_report
 from afm.lora.train import completion_loss, train_adapter
 from afm.models import load_tokenizer, resolve_model
+from afm.presets import eval_noise_of, preset_of
 from afm.toyworld import lora_tasks
 from afm.validation import check_device, check_output_path, check_safetensors_files
 
@@ -36,6 +37,7 @@ __all__ = [
     "evaluate_under_noise",
     "format_lora_table",
     "held_out_split",
+    "prepare_output",
     "run_lora_experiment",
 ]
 
@@ -88,10 +90,13 @@ class LoraExperiment:
     seed: int = 0
     no_train_noise: bool = False
     calib_steps: int = 20
-    noise: str = "pcm"
+    noise: str | None = None
+    """None: the preset's evaluation noise (``afm.presets.eval_noise_of``)."""
     noise_scale: float = 1.0
-    drift_times: str = "0s,1h,1d,1y"
-    noise_seeds: int = 3
+    drift_times: str | None = None
+    """None: the preset's drift times (pcm-drift: ``0s,1h,1d,1y`` if it has none)."""
+    noise_seeds: int | None = None
+    """None: the preset's repetitions (``Preset.eval_seeds``)."""
     eval_n: int | None = None
     device: str = "cpu"
     threads: int | None = None
@@ -119,16 +124,32 @@ class LoraExperiment:
             if value is not None and value < low:
                 raise ValueError(f"{flag} {value} is invalid: must be >= {low}")
         check_device("", "--device", self.device)
-        _check_output(Path(self.output), self.overwrite)
+        _check_output(Path(self.output), self.overwrite, self.output_files())
+
+    def output_files(self) -> tuple[str, ...]:
+        """The files this mode writes into ``output`` (what ``overwrite`` may replace)."""
+        return OUTPUT_FILES
 
 
 #: What afm-lora writes into its output directory (peft's adapter files and its own).
 OUTPUT_FILES = ("adapter_model.safetensors", "adapter_config.json", "README.md", "afm_lora.json")
 
 
-def _check_output(out: Path, overwrite: bool) -> None:
+def prepare_output(exp: LoraExperiment) -> Path:
+    """``exp.output`` checked again (minutes have passed since :meth:`LoraExperiment.check`),
+    created, and cleared of a previous adapter's files (``--overwrite``: none stays)."""
+    out = Path(exp.output)
+    own = exp.output_files()
+    _check_output(out, exp.overwrite, own)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in own:
+        (out / name).unlink(missing_ok=True)
+    return out
+
+
+def _check_output(out: Path, overwrite: bool, own: tuple[str, ...]) -> None:
     """``--output`` must be new or empty; with ``overwrite`` it may hold a previous
-    afm-lora adapter, and nothing else."""
+    afm-lora adapter (the files ``own``), and nothing else."""
     check_output_path("--output", out)
     if not out.is_dir():
         return
@@ -140,7 +161,7 @@ def _check_output(out: Path, overwrite: bool) -> None:
             f"--output {str(out)!r} is not empty; choose a new or empty directory (or pass "
             "--overwrite to replace an afm-lora adapter saved there)"
         )
-    foreign = [e for e in entries if e not in OUTPUT_FILES]
+    foreign = [e for e in entries if e not in own]
     if foreign:
         raise ValueError(
             f"--output {str(out)!r} holds files that are not an afm-lora adapter (e.g. "
@@ -149,11 +170,9 @@ def _check_output(out: Path, overwrite: bool) -> None:
         )
 
 
-def _save(peft_model: Any, out: Path, meta: dict[str, Any]) -> None:
-    """The adapter and ``afm_lora.json`` into ``out`` (a previous adapter replaced)."""
-    out.mkdir(parents=True, exist_ok=True)
-    for name in OUTPUT_FILES:  # --overwrite: no file of the old adapter stays
-        (out / name).unlink(missing_ok=True)
+def _save(peft_model: Any, exp: LoraExperiment, meta: dict[str, Any]) -> None:
+    """The adapter and ``afm_lora.json`` into ``exp.output`` (a previous one replaced)."""
+    out = prepare_output(exp)
     peft_model.save_pretrained(out)
     (out / "afm_lora.json").write_text(json.dumps(meta, indent=2) + "\n")
 
@@ -175,18 +194,28 @@ def _task(exp: LoraExperiment) -> tuple[Any, list[tuple[str, str]] | None]:
 
 
 def _noise_models(exp: LoraExperiment) -> list[tuple[str, NoiseModel | None]]:
+    """``no noise`` and the deployment noise (one model per drift time): ``--noise`` or,
+    by default, the preset's evaluation protocol (``ahwa-lora``: aihwkit PCM drift)."""
     out: list[tuple[str, NoiseModel | None]] = [("no noise", None)]
     if exp.noise == "none":
         return out
-    if exp.noise == "pcm-drift":
-        for t in exp.drift_times.split(","):
+    spec: dict[str, Any] = {"name": exp.noise} if exp.noise else eval_noise_of(exp.preset)
+    spec["scale"] = exp.noise_scale
+    name = spec.pop("name")
+    if name == "pcm-drift":
+        times = exp.drift_times or ",".join(preset_of(exp.preset).eval_drift_times)
+        for t in (times or "0s,1h,1d,1y").split(","):
             secs = parse_duration(t.strip())
-            nm = get_noise_model("pcm-drift", t_inference=secs, scale=exp.noise_scale)
+            nm = get_noise_model(name, **{**spec, "t_inference": secs})
             out.append((f"pcm-drift t={t.strip()}", nm))
     else:
-        nm = get_noise_model(exp.noise, scale=exp.noise_scale)
+        nm = get_noise_model(name, **spec)
         out.append((nm.label, nm))
     return out
+
+
+def _noise_seeds(exp: LoraExperiment) -> int:
+    return exp.noise_seeds or preset_of(exp.preset).eval_seeds
 
 
 def _check_base(exp: LoraExperiment) -> str:
@@ -265,7 +294,7 @@ def run_lora_experiment(exp: LoraExperiment) -> dict[str, Any]:
         progress=not exp.quiet,
     )
     metric, evaluate = _evaluation(exp, task, tokenizer, eval_pairs)
-    seeds = list(range(exp.noise_seeds))
+    seeds = list(range(_noise_seeds(exp)))
     rows = []
     with torch.no_grad():  # scoped: also called in-process (tests, notebooks)
         for label, nm in noise_models:
@@ -286,6 +315,7 @@ def run_lora_experiment(exp: LoraExperiment) -> dict[str, Any]:
         "batch_size": exp.batch_size,
         "seed": exp.seed,
         "train_noise": not exp.no_train_noise,
+        "noise_seeds": len(seeds),
         "trainable": report.trainable,
         "total": report.total,
         "trainable_pct": report.pct,
@@ -293,8 +323,7 @@ def run_lora_experiment(exp: LoraExperiment) -> dict[str, Any]:
         "metric": metric,
         "results": rows,
     }
-    _check_output(Path(exp.output), exp.overwrite)  # again: minutes have passed
-    _save(peft_model, Path(exp.output), meta)
+    _save(peft_model, exp, meta)
     return meta
 
 

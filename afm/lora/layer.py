@@ -20,6 +20,7 @@ from typing import Any
 
 from torch import nn
 
+from afm.analog.guards import MERGE_HELP, AnalogMergeError
 from afm.analog.layers import AnalogLinear
 
 #: The peft versions whose custom-module dispatch afm relies on (same as the extra).
@@ -71,20 +72,6 @@ __all__ = [
 ]
 
 
-class AnalogMergeError(RuntimeError):
-    """Merging a LoRA adapter into analog weights was requested (always refused)."""
-
-
-_MERGE_HELP = (
-    "merging a LoRA adapter into analog weights is refused: it would re-program the "
-    "chip (slow, wears the devices) and put the adapter's delta under clipping, "
-    "quantization and analog noise. Keep the adapter digital (it runs beside the analog "
-    "layer), use unload() to get the analog base back, or disable_adapter() to run "
-    "without it. To merge into a digital model, revert first: afm.revert(base) on the "
-    "unloaded model, then attach and merge there."
-)
-
-
 # --------------------------------------------------------------------------- the layer
 
 
@@ -97,6 +84,9 @@ class AnalogLoraLinear(PeftLoraLinear):
     Only vanilla LoRA is supported (no DoRA or other weight-merging variants, which
     read the analog weight digitally).
     """
+
+    #: afm.analog.guards leaves layers alone that refuse merging themselves.
+    afm_refuses_merge = True
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, **kwargs: Any) -> None:
         base = base_layer.get_base_layer() if isinstance(base_layer, BaseTunerLayer) else base_layer
@@ -116,7 +106,7 @@ class AnalogLoraLinear(PeftLoraLinear):
         return out
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        raise AnalogMergeError(_MERGE_HELP)
+        raise AnalogMergeError(MERGE_HELP)
 
     def unmerge(self) -> None:  # nothing can ever be merged
         return None
@@ -152,7 +142,7 @@ def _check_no_analog_merge(tuner: nn.Module, adapter_names: Sequence[str] | None
             offending.append(name)
     if offending:
         shown = ", ".join(offending[:3]) + (" ..." if len(offending) > 3 else "")
-        raise AnalogMergeError(f"{_MERGE_HELP} (analog LoRA layers: {shown}; nothing was merged)")
+        raise AnalogMergeError(f"{MERGE_HELP} (analog LoRA layers: {shown}; nothing was merged)")
 
 
 def _guarded_merge_and_unload(self: nn.Module, *args: Any, **kwargs: Any) -> nn.Module:

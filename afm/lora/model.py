@@ -10,6 +10,7 @@ everything else stay frozen; hardware noise stays active on the analog path in
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -22,7 +23,7 @@ from afm.analog.calibration import calibrate_on_texts
 from afm.analog.convert import convert
 from afm.analog.hf import is_afm_checkpoint_config
 from afm.analog.layers import AnalogLinear, analog_layers
-from afm.analog.select import name_matches
+from afm.analog.select import check_patterns_match, is_adapter_name, name_matches
 from afm.lora.layer import (  # first: checks the peft version before peft is used
     AnalogLoraLinear,
     PeftLoraLinear,
@@ -31,7 +32,7 @@ from afm.lora.layer import (  # first: checks the peft version before peft is us
     register_analog_lora,
 )
 from afm.models import load_model, resolve_model
-from afm.presets import get_preset
+from afm.presets import analog_head_of, get_preset
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +75,48 @@ def _default_targets(model: nn.Module) -> list[str]:
     return leaves
 
 
+def _module_names(model: nn.Module) -> list[str]:
+    """What peft matches targets against: module names outside adapters (a layer that
+    already holds an adapter is named as before, without ``.base_layer``)."""
+    return [
+        n
+        for n, _ in model.named_modules()
+        if n and not is_adapter_name(n) and "base_layer" not in n.split(".")
+    ]
+
+
+def _peft_list_entry_matches(name: str, entry: str) -> bool:
+    """peft's rule for one entry of a ``target_modules`` list: exact name or dotted suffix."""
+    return name == entry or name.endswith("." + entry)
+
+
+def _peft_regex_matches(name: str, regex: str) -> bool:
+    """peft's rule for a ``target_modules`` string: a full regex match of the name."""
+    return re.fullmatch(regex, name) is not None
+
+
+def _check_targets(model: nn.Module, option: str, targets: str | Sequence[str] | None) -> None:
+    """Every target (peft's matching rules) names a module: a typo is an error listing the
+    closest names, not an adapter silently missing from that layer."""
+    if targets is None:
+        return
+    names = _module_names(model)
+    if isinstance(targets, str):
+        check_patterns_match(
+            f"afm.lora: {option}", [targets], names, matches=_peft_regex_matches, among="module"
+        )
+    else:
+        check_patterns_match(
+            f"afm.lora: {option}",
+            list(targets),
+            names,
+            matches=_peft_list_entry_matches,
+            among="module",
+        )
+
+
 def _check_modules_to_save(model: nn.Module, modules_to_save: Sequence[str] | None) -> None:
+    check_patterns_match("afm.lora: modules_to_save", modules_to_save, _module_names(model))
     for target in modules_to_save or ():
         for name, module in model.named_modules():
             if name_matches(name, [target]):
@@ -117,7 +159,8 @@ def attach_lora(
             function (then a further named adapter is added and made active).
         r, alpha, dropout: LoRA rank, ``lora_alpha`` and ``lora_dropout``.
         targets: peft ``target_modules`` (names or a regex); default: every analog
-            layer.  Plain ``nn.Linear`` targets get peft's stock LoRA layer.
+            layer.  Plain ``nn.Linear`` targets get peft's stock LoRA layer.  A target
+            that names no module is an error listing the closest names.
         adapter_name: the adapter's name (several adapters can share one base).
         modules_to_save: digital modules trained and saved alongside (a task head,
             norms); modules holding analog layers are refused.
@@ -138,6 +181,8 @@ def attach_lora(
     if is_peft and adapter_name in model.peft_config:
         raise ValueError(f"adapter {adapter_name!r} already exists on this model")
     _check_modules_to_save(base, modules_to_save)
+    _check_targets(base, "targets", targets)
+    _check_targets(base, "exclude_modules", lora_kwargs.get("exclude_modules"))
     target_modules: str | list[str]
     if targets is None:
         target_modules = _default_targets(base)
@@ -290,7 +335,7 @@ def load_analog_base(
     if is_afm_checkpoint_config(getattr(model, "config", None)) and analog_layers(model):
         logger.info("load_analog_base: afm checkpoint %s (its own hardware model)", resolved)
     else:
-        convert(model, get_preset(preset))
+        convert(model, get_preset(preset), convert_lm_head=analog_head_of(preset))
         if calibration_texts is not None:
             if tokenizer is None:
                 raise ValueError("calibration_texts need a tokenizer")

@@ -84,11 +84,15 @@ def _chip(preset: str | AnalogConfig) -> AnalogConfig:
 
 
 def analog_teacher(
-    teacher: nn.Module, preset: str | AnalogConfig, calibration: Sequence[dict[str, torch.Tensor]]
+    teacher: nn.Module,
+    preset: str | AnalogConfig,
+    calibration: Sequence[dict[str, torch.Tensor]],
+    analog_head: bool = False,
 ) -> nn.Module:
-    """A copy of the teacher on the chip ``preset``, input ranges calibrated (no training)."""
+    """A copy of the teacher on the chip ``preset``, input ranges calibrated (no training);
+    with ``analog_head`` its output head is analog (and noisy) too."""
     model = copy.deepcopy(teacher)
-    convert(model, _chip(preset))
+    convert(model, _chip(preset), convert_lm_head=analog_head)
     calibrate_input_ranges_(model, calibration, max_steps=len(calibration), progress=False)
     return model.eval()
 
@@ -117,12 +121,15 @@ def before_after(
     n_per_kind: int = 25,
     facts: bool = True,
     curve_scales: Sequence[float] = (),
+    analog_head: bool = False,
 ) -> dict[str, Any]:
-    """Accuracies of the three conditions (module docstring); ``curve`` adds noise scales."""
+    """Accuracies of the three conditions (module docstring); ``curve`` adds noise scales.
+    ``analog_head``: the analog teacher's head is analog too (the student's is as trained);
+    deployment noise reaches a head exactly when it is analog."""
     tasks = ToyTasks(n_per_kind, facts)
     seed_list = list(range(seeds))
     t_fp = {k: _stats([v]) for k, v in tasks(teacher.eval(), tokenizer).items()}
-    t_an = analog_teacher(teacher, preset, calibration)
+    t_an = analog_teacher(teacher, preset, calibration, analog_head)
     s_an = on_chip(student, preset)
     spec = dict(noise) if isinstance(noise, dict) else {"name": noise}
     if noise_scale is not None:
@@ -131,6 +138,7 @@ def before_after(
     model = get_noise_model(name, **spec)
     result: dict[str, Any] = {
         "chip": chip_name or (preset if isinstance(preset, str) else "custom"),
+        "head": "analog" if analog_head else "digital",
         "noise": model.to_dict(),
         "seeds": seed_list,
         "n_arith": len(tasks.arith),
@@ -175,7 +183,8 @@ def format_table(result: dict[str, Any]) -> str:
     widths = [max(len(str(x[i])) for x in [head, *body]) for i in range(len(head))]
     noise = result["noise"]
     lines = [
-        f"chip {result['chip']}, noise {noise.get('name')} scale {noise.get('scale')}, "
+        f"chip {result['chip']}, head {result.get('head', 'digital')}, "
+        f"noise {noise.get('name')} scale {noise.get('scale')}, "
         f"{len(result['seeds'])} noise seeds, {result['n_arith']} arithmetic problems, "
         f"{result['n_facts']} fact questions",
         "  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)),

@@ -146,6 +146,7 @@ def _evaluate(cfg: RunConfig, teacher, student, tokenizer, dataset, pad_id: int)
         calib,
         preset=cfg.eval_chip(),
         chip_name=cfg.eval_chip_name,
+        analog_head=cfg.head_is_analog(),
         noise=cfg.eval_noise(),
         seeds=cfg.eval.seeds,
         n_per_kind=cfg.eval.n_per_kind,
@@ -196,7 +197,7 @@ def _train(cfg: RunConfig, acc: Any, teacher, tokenizer, resuming: bool, progres
     out = Path(cfg.output)
     teacher.to(acc.device)
     dataset = _data(cfg, acc, teacher, tokenizer, resuming, progress)
-    student = make_student(teacher, cfg.student_chip())
+    student = make_student(teacher, cfg.student_chip(), convert_lm_head=cfg.head_is_analog())
     logger.info("distilling the teacher into an analog student (chip %s)", cfg.eval_chip_name)
     result = distill(
         teacher,

@@ -18,7 +18,7 @@ from typing import Any
 
 from afm.analog.noise import get_noise_model
 from afm.config import AnalogConfig, set_by_path
-from afm.presets import eval_noise_of, get_preset
+from afm.presets import analog_head_of, eval_noise_of, get_preset
 from afm.training.data_config import SyntheticDataConfig
 from afm.training.distill_config import NOT_IN_FINGERPRINT, DistillConfig
 from afm.validation import check_bool, check_int, check_real, fail
@@ -86,6 +86,9 @@ class RunConfig:
     model: str
     output: str
     preset: str = "afm-paper"
+    analog_head: bool | None = None
+    """The output head's policy (spec §7): analog and noisy (True) or digital and
+    noise-free (False); None: the preset's (``afm.presets.analog_head_of``)."""
     preset_overrides: dict[str, Any] = field(default_factory=dict)
     """``{"weight_noise.std": 0.08, ...}``: fields of the preset changed for this run
     (``afm.config.set_by_path`` paths); they apply to the evaluation chip too when
@@ -112,6 +115,10 @@ class RunConfig:
             except (TypeError, ValueError) as err:
                 raise ConfigError(f"preset_overrides: {path}={value!r}: {err}") from None
         return chip
+
+    def head_is_analog(self) -> bool:
+        """The resolved head policy: ``analog_head``, else the preset's."""
+        return analog_head_of(self.preset) if self.analog_head is None else self.analog_head
 
     def eval_chip(self) -> AnalogConfig:
         """The evaluation chip: ``eval.preset`` if set, else the student's chip."""
@@ -344,6 +351,8 @@ def build_run_config(
         not isinstance(cfg.num_threads, int) or cfg.num_threads < 1
     ):
         raise ConfigError(f"num_threads={cfg.num_threads!r} is invalid: must be a positive int")
+    if cfg.analog_head is not None and not isinstance(cfg.analog_head, bool):
+        raise ConfigError(f"analog_head={cfg.analog_head!r} is invalid: must be true or false")
     if not isinstance(cfg.generate, bool):
         raise ConfigError(f"generate={cfg.generate!r} is invalid: must be true or false")
     return cfg

@@ -480,8 +480,9 @@ def test_exclude_patterns(llama):
     assert list(N.select_noise_layers(llama, include="model.layers.0.mlp.up_proj")) == [
         "model.layers.0.mlp.up_proj"
     ]
-    handle = N.apply_noise_(llama, N.PCMProgrammingNoise(), seed=0, include="^nothing$")
-    assert len(handle) == 0
+    # issue 15: a pattern that selects nothing is an error, not a silent clean "noisy" model
+    with pytest.raises(ValueError, match="'\\^nothing\\$' matches no linear layer"):
+        N.apply_noise_(llama, N.PCMProgrammingNoise(), seed=0, include="^nothing$")
 
 
 def test_gpt2_conv1d_is_perturbed_per_output_row():

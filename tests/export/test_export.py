@@ -355,6 +355,10 @@ def test_cli_exports_saved_model(tmp_path, capsys):
             "does not divide",
         ),
         (["--model", str(tmp_path / "missing"), "--out", str(tmp_path / "o3")], "cannot load"),
+        (  # issue 15: a skip typo used to quantize the output head silently
+            ["--model", str(tmp_path / "model"), "--out", str(tmp_path / "o5"), "--skip", "lmhead"],
+            "'lmhead' (closest: lm_head) matches no linear layer",
+        ),
     ]:
         code = cli_main(argv)
         err = capsys.readouterr().err

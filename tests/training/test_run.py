@@ -54,7 +54,7 @@ def test_end_to_end_run_resume_and_refusals(model_dir, tmp_path, capsys):
     assert saved["train"]["max_steps"] == 3 and saved["preset"] == "afm-paper"
     assert (out / "run_config.yaml").exists() and (out / "data" / "stats.json").exists()
     loaded = AutoModelForCausalLM.from_pretrained(out)
-    assert len(afm.analog_layers(loaded)) == 14
+    assert len(afm.analog_layers(loaded)) == 15  # afm-paper: the head is analog too (spec §7)
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["steps"] == 3 and summary["skipped_steps"] == 0
     capsys.readouterr()

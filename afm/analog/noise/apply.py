@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from afm.analog.layers import AnalogLinear
 from afm.analog.noise.models import NoiseModel
 from afm.analog.select import (
+    check_patterns_match,
     is_adapter_name,
     is_conv1d,
     is_linear_like,
@@ -53,37 +54,55 @@ def select_noise_layers(
     *,
     include: str | Sequence[str] | None = None,
     exclude: str | Sequence[str] | None = None,
-    skip_lm_head: bool = True,
+    skip_lm_head: bool | None = None,
     only_analog: bool = False,
     skip_adapters: bool = True,
 ) -> dict[str, nn.Module]:
     """The layers ``apply_noise_`` perturbs: every ``nn.Linear`` (and GPT-2 ``Conv1D``)
-    except the LM head and peft adapter layers (``lora_*``, digital in AHWA-LoRA).
+    except peft adapter layers (``lora_*``, digital in AHWA-LoRA) and, by default
+    (``skip_lm_head=None``), a digital output head: an analog head (``AnalogLinear``,
+    ``afm.convert(convert_lm_head=True)``) is on the chip and gets programmed like the
+    other layers (spec §7).  ``skip_lm_head=True`` / ``False`` skips / perturbs any head.
 
     ``include``/``exclude``: module names or regular expressions searched in the name
     (``afm.analog.select.name_matches``); ``only_analog``: only ``AnalogLinear`` layers.
+
+    Raises:
+        PatternMatchError: an include / exclude pattern matches none of the layers that
+            can be selected (the message lists the closest names).
+        ValueError: no layer is selected (noise on nothing would be a clean model).
     """
     inc, exc = _names(include), _names(exclude)
-    heads = output_head_names(model) if skip_lm_head else set()
-    selected: dict[str, nn.Module] = {}
+    heads = output_head_names(model) if skip_lm_head is not False else set()
+    eligible: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
         if not is_linear_like(module):
             continue
         if only_analog and not isinstance(module, AnalogLinear):
             continue
-        if name in heads:
+        if name in heads and (skip_lm_head or not isinstance(module, AnalogLinear)):
             continue
         if skip_adapters and is_adapter_name(name):
-            continue
-        if inc is not None and not name_matches(name, inc):
-            continue
-        if exc is not None and name_matches(name, exc):
             continue
         weight = getattr(module, "weight", None)
         if not isinstance(weight, Tensor) or not weight.is_floating_point():
             logger.warning("apply_noise_: skipping %s (weight is not a floating tensor)", name)
             continue
-        selected[name] = module
+        eligible[name] = module
+    what = "analog layer" if only_analog else "linear layer"
+    check_patterns_match("deployment noise: include", inc, eligible, among=what)
+    check_patterns_match("deployment noise: exclude", exc, eligible, among=what)
+    selected = {
+        name: module
+        for name, module in eligible.items()
+        if (inc is None or name_matches(name, inc)) and (exc is None or not name_matches(name, exc))
+    }
+    if not selected:
+        raise ValueError(
+            f"deployment noise: no layer selected among {len(eligible)} {what}s "
+            f"(include={include!r}, exclude={exclude!r}); noise on nothing would report a "
+            "clean model as a noisy one"
+        )
     return selected
 
 
@@ -99,11 +118,18 @@ class NoiseHandle:
     """Returned by ``apply_noise_``; ``restore()`` puts the original weights back bitwise
     (and re-ties weights that were untied).  Also a context manager."""
 
-    def __init__(self, saved: dict[str, _Saved], noise_model: NoiseModel, seed: int) -> None:
+    def __init__(
+        self,
+        saved: dict[str, _Saved],
+        noise_model: NoiseModel,
+        seed: int,
+        generators: dict[AnalogLinear, torch.Generator | None] | None = None,
+    ) -> None:
         self._saved = saved
         self.noise_model = noise_model
         self.seed = seed
         self.restored = False
+        self._generators = generators or {}
 
     @property
     def layer_names(self) -> list[str]:
@@ -131,6 +157,8 @@ class NoiseHandle:
                 # so caches keyed on it (AnalogLinear's eval statistics) see the change.
                 with torch.no_grad():
                     saved.param.copy_(saved.original)
+        for layer, generator in self._generators.items():
+            layer.noise_generator = generator
         self.restored = True
         self._saved = {n: dataclasses.replace(s, original=None) for n, s in self._saved.items()}
 
@@ -155,7 +183,7 @@ def apply_noise_(
     *,
     include: str | Sequence[str] | None = None,
     exclude: str | Sequence[str] | None = None,
-    skip_lm_head: bool = True,
+    skip_lm_head: bool | None = None,
     only_analog: bool = False,
     skip_adapters: bool = True,
     keep_originals: bool = True,
@@ -200,12 +228,25 @@ def apply_noise_(
             with torch.no_grad():  # not .data: keep the version counter moving
                 param.copy_(noisy)
             saved[name] = _Saved(module, param, original, untied=False)
-    if not layers:
-        logger.warning("apply_noise_: no layer selected (include=%r, exclude=%r)", include, exclude)
     logger.info(
         "apply_noise_: perturbed %d layers with %s (seed=%d)", len(layers), noise_model.label, seed
     )
-    return NoiseHandle(saved, noise_model, seed)
+    return NoiseHandle(saved, noise_model, seed, _seed_read_noise(layers, seed))
+
+
+def _seed_read_noise(
+    layers: dict[str, nn.Module], seed: int
+) -> dict[AnalogLinear, torch.Generator | None]:
+    """Seed the eval-time output noise of the programmed chip's analog layers (spec §4.1,
+    ``output_noise.keep_at_eval``) from ``seed`` and the layer name, so that one seed is
+    one chip read the same way every run; returns the generators to put back."""
+    previous: dict[AnalogLinear, torch.Generator | None] = {}
+    for name, module in layers.items():
+        if isinstance(module, AnalogLinear) and module.analog_config.output_noise.keep_at_eval:
+            previous[module] = module.noise_generator
+            gen = torch.Generator().manual_seed(derive_seed("afm-read-noise", seed, name))
+            module.noise_generator = gen
+    return previous
 
 
 def apply_noise(model: nn.Module, noise_model: NoiseModel, seed: int, **kwargs: Any) -> nn.Module:

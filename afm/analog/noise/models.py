@@ -242,6 +242,13 @@ class PCMDriftNoise(NoiseModel):
     noise alone, ``drift_scale`` the drift exponents.  With ``compensation`` the layer's
     weights are multiplied by ``r0 / r(t)``, ``r = mean|probe · Wᵀ|`` (``probe``:
     ``"identity"`` or a fixed seeded ``"random"`` Gaussian probe).
+
+    ``mode="aihwkit"`` follows aihwkit's ``PCMLikeNoiseModel`` with
+    ``GlobalDriftCompensation`` (spec §5c): read noise at ``t + t0`` (non-zero at 0 s), the
+    device pair re-derived from the programmed net weight before drifting, and one
+    compensation factor per input tile read through the periphery: the identity probe's
+    outputs with ``readout_noise`` (output noise, relative to the channel's range) and an
+    ADC of ``readout_bits`` bits and bound ``readout_bound`` (None: an ideal read).
     """
 
     name: ClassVar[str] = "pcm-drift"
@@ -256,9 +263,27 @@ class PCMDriftNoise(NoiseModel):
     tile_size: int | None = None
     per_channel: bool = True
     probe: str = "identity"
+    mode: str = "afm"
+    readout_bits: int | None = None
+    readout_bound: float = 12.0
+    readout_noise: float = 0.0
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
+        if self.mode not in ("afm", "aihwkit"):
+            fail(owner, "mode", self.mode, "must be 'afm' or 'aihwkit'")
+        if self.readout_bits is not None and (
+            isinstance(self.readout_bits, bool)
+            or not isinstance(self.readout_bits, int)
+            or not 2 <= self.readout_bits <= 24
+        ):
+            fail(owner, "readout_bits", self.readout_bits, "must be an int in [2, 24] or None")
+        check_real(owner, "readout_bound", self.readout_bound, strict=True)
+        check_real(owner, "readout_noise", self.readout_noise)
+        if self.mode == "afm" and (self.readout_bits is not None or self.readout_noise > 0):
+            fail(owner, "mode", self.mode, "a periphery read-out needs mode='aihwkit'")
+        if self.mode == "aihwkit" and self.probe != "identity":
+            fail(owner, "probe", self.probe, "mode='aihwkit' reads with the identity probe")
         if isinstance(self.t_inference, str):
             object.__setattr__(self, "t_inference", parse_duration(self.t_inference))
         check_real(owner, "t_inference", self.t_inference)
@@ -308,7 +333,12 @@ class PCMDriftNoise(NoiseModel):
         )
 
     def read_noise_sigma(self, g_prog: Tensor, t: float) -> Tensor:
-        """Relative 1/f read-noise σ at time ``t`` (zero when ``(t+t_read)/(2 t_read) ≤ 1``)."""
+        """Relative 1/f read-noise σ at time ``t`` (zero when ``(t+t_read)/(2 t_read) ≤ 1``).
+
+        Mode ``aihwkit`` evaluates it at ``t + t0`` (pcm.py, ``apply_drift_noise_to_
+        conductance``: ``t = t_inference + t_0``, then ``log((t + t_read) / (2 t_read))``)."""
+        if self.mode == "aihwkit":
+            t = t + self.t0
         arg = (t + self.t_read) / (2.0 * self.t_read)
         if arg <= 1.0:
             return torch.zeros_like(g_prog)
@@ -320,14 +350,34 @@ class PCMDriftNoise(NoiseModel):
     ) -> tuple[Tensor, Tensor]:
         """``(g+, g-)`` read at ``t`` seconds after programming: drift, then read noise."""
         t = parse_duration(t)
+        pairs = (state.g_plus, state.g_minus)
+        if self.mode == "aihwkit":
+            pairs = self.rederive_pair(state)
         out = []
-        for g_prog, nu in ((state.g_plus, state.nu_plus), (state.g_minus, state.nu_minus)):
+        for g_prog, nu in zip(pairs, (state.nu_plus, state.nu_minus), strict=True):
             g = g_prog * ((t + self.t0) / self.t0) ** (-nu) if t > 0 else g_prog.clone()
             sigma = self.read_noise_sigma(g_prog, t) * (self.scale * self.read_noise_scale)
-            if t > 0 and bool((sigma > 0).any()):
+            if (t > 0 or self.mode == "aihwkit") and bool((sigma > 0).any()):
                 g = (g + g.abs() * sigma * _randn(g, generator)).clamp_min(0.0)
             out.append(g)
+        if self.mode == "aihwkit":  # back to the programming's units (pair scale undone)
+            ratio = self._rederived_scale(state)
+            return out[0] / ratio, out[1] / ratio
         return out[0], out[1]
+
+    def _rederived_scale(self, state: PCMDeviceState) -> Tensor:
+        """``g_max / max|g+ - g-|`` over each tile: aihwkit converts the programmed net
+        weight to a new pair with the converter's tile-wide scale (conductance.py,
+        ``SinglePairConductanceConverter.convert_to_conductances``)."""
+        net = state.g_plus - state.g_minus
+        return self.g_max / _nonzero(_row_abs_max(net, self.tile_size, per_channel=False))
+
+    def rederive_pair(self, state: PCMDeviceState) -> tuple[Tensor, Tensor]:
+        """The pair aihwkit drifts (mode ``aihwkit``): ``drift_weights`` hands the
+        programmed weights to ``apply_drift_noise`` (inference.py), which converts them to
+        conductances again: one device at ``|net|·scale``, the other at 0."""
+        scaled = (state.g_plus - state.g_minus) * self._rederived_scale(state)
+        return scaled.clamp(0.0, self.g_max), (-scaled).clamp(0.0, self.g_max)
 
     def to_weight(self, g_plus: Tensor, g_minus: Tensor, amax: Tensor) -> Tensor:
         return (g_plus - g_minus) * (amax / self.g_max)
@@ -340,8 +390,38 @@ class PCMDriftNoise(NoiseModel):
         x = torch.randn(_PROBE_SIZE, weight.shape[1], generator=gen, device=weight.device)
         return (x @ weight.t()).abs().mean()
 
+    def periphery_readout(self, g_net: Tensor, generator: torch.Generator) -> Tensor:
+        """Per input tile, ``mean|y|`` of the identity probe read through the periphery
+        (mode ``aihwkit``, inference.py ``_forward_drift_readout_tensor``; readout clamped
+        at 1e-4 as ``GlobalDriftCompensation.readout``), broadcastable to the weight.
+
+        ``g_net = g+ - g-`` (µS): a one-hot input reads one weight per output, in units of
+        the channel's (or tile's) range: ``g_net / g_max``, plus output noise, then the ADC.
+        """
+        y = g_net / self.g_max
+        if self.readout_noise > 0:
+            y = y + self.readout_noise * _randn(y, generator)
+        if self.readout_bits is not None:
+            step = 2 * self.readout_bound / (2**self.readout_bits - 2)
+            y = (torch.round(y / step) * step).clamp(-self.readout_bound, self.readout_bound)
+        bounds = tile_bounds(y.shape[1], self.tile_size)
+        reads = [y[:, lo:hi].abs().mean().clamp_min(1e-4) for lo, hi in bounds]
+        sizes = torch.tensor([hi - lo for lo, hi in bounds], device=y.device)
+        return torch.stack(reads).repeat_interleave(sizes).unsqueeze(0)
+
+    def _aihwkit_weight(self, state: PCMDeviceState, generator: torch.Generator) -> Tensor:
+        g_plus, g_minus = self.conductances_at(state, self.t_inference, generator)
+        w_t = self.to_weight(g_plus, g_minus, state.amax)
+        if self.compensation:
+            r0 = self.periphery_readout(state.g_plus - state.g_minus, generator)
+            r_t = self.periphery_readout(g_plus - g_minus, generator)
+            w_t = w_t * (r0 / r_t)
+        return w_t
+
     def perturb_weight(self, weight: Tensor, generator: torch.Generator) -> Tensor:
         state = self.program(weight, generator)
+        if self.mode == "aihwkit":
+            return self._aihwkit_weight(state, generator).to(weight.dtype)
         w_t = self.to_weight(*self.conductances_at(state, self.t_inference, generator), state.amax)
         if self.compensation and self.t_inference > 0:
             r0 = self.readout(self.to_weight(state.g_plus, state.g_minus, state.amax))
