@@ -15,8 +15,7 @@ Every case must be refused cleanly.  A CLI case is
 A library case is a clean error when it raises a ``ValueError`` / ``OSError`` /
 ``ImportError`` (what the CLIs print as one line), silently accepted when it returns,
 a traceback when it raises anything else.  The goal is 0 tracebacks, 0 silently
-accepted.  Cases marked with a ``note`` belong to work done on another branch (issue
-15 §1–2) and may show as silently accepted until it is merged.
+accepted.
 
 Runs on a tiny random Llama and a tokenizer trained in-process (nothing downloaded),
 small settings so that a case that is wrongly accepted still ends in seconds.  The
@@ -63,7 +62,6 @@ MODULES = {
     "afm-lora": "afm.cli.lora",
     "afm-export": "afm.cli.export",
 }
-OTHER_BRANCH = "issue 15 §2, branch issue-15a"
 
 
 @dataclass(frozen=True)
@@ -80,7 +78,6 @@ class Case:
     args: tuple[str, ...] = ()
     call: Callable[[dict[str, str]], Any] | None = None
     env: tuple[tuple[str, str], ...] = ()
-    note: str = ""
 
 
 def _train(name: str, needle: str, *args: str, model: str = "{model}", **kw: Any) -> Case:
@@ -391,7 +388,6 @@ CASES: list[Case] = [
         "no_such_layer",
         "--skip",
         "no_such_layer",
-        note=OTHER_BRANCH,
     ),
     # ---------------------------------------------------------------- library entry points
     _lib("DistillConfig(lr=inf)", "train.lr", _distill_config(lr=math.inf)),
@@ -413,11 +409,8 @@ CASES: list[Case] = [
         "export_int4 skip= matching no layer",
         "no_such_layer",
         _export_skip_nothing,
-        note=OTHER_BRANCH,
     ),
-    _lib(
-        "convert include= matching no layer", "no_such_layer", _convert_include, note=OTHER_BRANCH
-    ),
+    _lib("convert include= matching no layer", "no_such_layer", _convert_include),
 ]
 
 
@@ -555,10 +548,9 @@ def run_library_case(case: Case, fixtures: dict[str, str], out: str) -> Result:
 def _print_table(results: list[Result]) -> None:
     marks = {"clean": "ok", "traceback": "TRACEBACK", "accepted": "ACCEPTED"}
     for r in results:
-        note = f"  [{r.case.note}]" if r.case.note else ""
         warn = "" if r.needle_found or r.verdict != "clean" else f"  (missing {r.case.needle!r})"
         head = f"{marks[r.verdict]:<10} {r.seconds:6.1f}s  {r.case.target:<12} {r.case.name}"
-        print(f"{head}{note}{warn}")
+        print(f"{head}{warn}")
         print(f"{'':<10}          {r.detail[:220]}")
 
 
@@ -572,8 +564,7 @@ def main(argv: list[str] | None = None) -> int:
     cases = [c for c in CASES if args.only in c.name]
     if args.list:
         for c in cases:
-            note = f"  [{c.note}]" if c.note else ""
-            print(f"{c.target:<12} {c.name}  (must name {c.needle!r}){note}")
+            print(f"{c.target:<12} {c.name}  (must name {c.needle!r})")
         return 0
     with contextlib.ExitStack() as stack:
         work = args.work or Path(stack.enter_context(tempfile.TemporaryDirectory()))
@@ -590,7 +581,6 @@ def main(argv: list[str] | None = None) -> int:
     _print_table(results)
     counts = {v: sum(r.verdict == v for r in results) for v in ("clean", "traceback", "accepted")}
     wrong = sum(r.verdict == "clean" and not r.needle_found for r in results)
-    others = [r.case.name for r in results if r.verdict != "clean" and r.case.note]
     print()
     print(
         f"tried {len(results)} / clean errors {counts['clean']} / tracebacks "
@@ -598,8 +588,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     if wrong:
         print(f"({wrong} clean errors do not name what the table expects)")
-    if others:
-        print(f"(not clean, owned by another branch: {', '.join(others)})")
     return 0 if counts["traceback"] == counts["accepted"] == 0 else 1
 
 
