@@ -63,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
         "--targets",
         nargs="+",
         default=None,
-        help="module names to adapt (default: every analog layer)",
+        help="module names to adapt (default: every analog layer but the output head)",
     )
     ap.add_argument(
         "--modules-to-save",

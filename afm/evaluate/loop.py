@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from afm.analog.noise import NoiseModel, apply_noise_
+from afm.analog.noise import NoiseModel, apply_noise_, seeded_read_noise
 from afm.evaluate.conditions import Condition, analog_config_changes
 from afm.evaluate.loading import load_model_spec
 from afm.evaluate.report import EvalReport, ResultRow
@@ -44,10 +44,12 @@ def programmed(
     """Yield every seed of ``seeds`` with ``model`` programmed by ``noise_model`` with that
     seed; the original weights are back after each step of the iteration.
 
-    ``noise_model=None``: the model as it is, once (the first seed).  ``select`` goes to
-    ``apply_noise_`` (e.g. ``only_analog=True``)."""
+    ``noise_model=None``: the model as it is, once (the first seed; eval-time output
+    noise, where the chip keeps it, is seeded from it as on a programmed chip).
+    ``select`` goes to ``apply_noise_`` (e.g. ``only_analog=True``)."""
     if noise_model is None:
-        yield seeds[0]
+        with seeded_read_noise(model, int(seeds[0])):
+            yield seeds[0]
         return
     for seed in seeds:
         handle = apply_noise_(model, noise_model, int(seed), **select)

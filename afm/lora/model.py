@@ -23,7 +23,12 @@ from afm.analog.calibration import calibrate_on_texts
 from afm.analog.convert import convert
 from afm.analog.hf import is_afm_checkpoint_config
 from afm.analog.layers import AnalogLinear, analog_layers
-from afm.analog.select import check_patterns_match, is_adapter_name, name_matches
+from afm.analog.select import (
+    check_patterns_match,
+    is_adapter_name,
+    name_matches,
+    output_head_names,
+)
 from afm.lora.layer import (  # first: checks the peft version before peft is used
     AnalogLoraLinear,
     PeftLoraLinear,
@@ -51,16 +56,23 @@ def _leaf(name: str) -> str:
 
 
 def _default_targets(model: nn.Module) -> list[str]:
-    layers = {
+    """Every analog layer but the output head (peft's ``all-linear`` rule too): an
+    adapter on a head tied to the embedding would make peft save the embedding
+    matrix with every adapter, and TRL refuses an adapter there.  Pass ``targets``
+    to adapt the head anyway."""
+    analog = {
         n.removesuffix(".base_layer")  # already wrapped by a LoRA layer (a second adapter)
         for n, m in model.named_modules()
         if isinstance(m, AnalogLinear)
     }
-    if not layers:
+    if not analog:
         raise ValueError(
             "the model has no AnalogLinear layers: convert it first "
             "(afm.convert(model, afm.get_preset('ahwa-lora'))) or load an afm checkpoint"
         )
+    layers = analog - output_head_names(model)
+    if not layers:
+        raise ValueError("afm.lora: the model has no analog layer besides its output head")
     leaves = sorted({_leaf(n) for n in layers})
     # Leaf names are short and portable; fall back to full names when a leaf name
     # also matches a digital layer (which the default must not target).

@@ -25,8 +25,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from afm.analog.layers import analog_layers
-from afm.analog.select import output_head_names
 from afm.evaluate.conditions import make_conditions
 from afm.evaluate.loop import scores_under_noise
 from afm.lora.experiment import OUTPUT_FILES, LoraExperiment, prepare_output, run_lora_experiment
@@ -209,7 +207,7 @@ def _peft_model(exp: TrlExperiment, base: nn.Module) -> tuple[nn.Module, Any]:
             base,
             r=exp.r,
             alpha=exp.alpha,
-            targets=exp.targets or _targets_without_head(base),
+            targets=exp.targets,  # default: every analog layer but the output head
             modules_to_save=exp.modules_to_save,
             seed=exp.seed,
         )
@@ -219,16 +217,6 @@ def _peft_model(exp: TrlExperiment, base: nn.Module) -> tuple[nn.Module, Any]:
     pm = load_adapter(pm, exp.init_adapter, adapter_name="init")
     pm.set_adapter("default")
     return pm, report
-
-
-def _targets_without_head(base: nn.Module) -> list[str]:
-    """Every analog layer but the output head: TRL refuses an adapter on ``lm_head``
-    (it computes log-probabilities from the head's weight)."""
-    heads = output_head_names(base)
-    names = sorted(n for n in analog_layers(base) if n not in heads)
-    if not names:
-        raise ValueError("the base has no analog layers besides its output head to adapt")
-    return names
 
 
 def _conditions(exp: TrlExperiment) -> tuple[list[Any], int]:

@@ -36,7 +36,7 @@ from afm.analog.convert import convert
 from afm.analog.hf import attach_quantization_config
 from afm.analog.layers import analog_layers
 from afm.config import AnalogConfig
-from afm.presets import get_preset
+from afm.presets import analog_head_of, get_preset
 from afm.training.batches import BatchOrder
 from afm.training.checkpoint import (
     CKPT_PREFIX,
@@ -91,7 +91,14 @@ class DistillResult:
 def make_student(
     teacher: nn.Module, preset: str | AnalogConfig = "afm-paper", **convert_kwargs: Any
 ) -> nn.Module:
-    """A deep copy of ``teacher`` with its linear layers converted (output head stays digital)."""
+    """A deep copy of ``teacher`` with its linear layers converted.
+
+    The output head follows the preset's head policy when ``preset`` is a name
+    (``afm.presets.analog_head_of``: analog for afm-paper, tiny-stress, ahwa-lora),
+    else ``afm.convert``'s default (digital); ``convert_lm_head=`` overrides either.
+    """
+    if isinstance(preset, str):
+        convert_kwargs.setdefault("convert_lm_head", analog_head_of(preset))
     config = get_preset(preset) if isinstance(preset, str) else preset
     student = copy.deepcopy(teacher)
     for p in student.parameters():

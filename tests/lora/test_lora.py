@@ -590,4 +590,20 @@ def test_cli_end_to_end(tmp_path: Path, capsys):
     plain = LlamaForCausalLM.from_pretrained(base)
     afm.convert(plain, get_preset("ahwa-lora"), convert_lm_head=True)  # as afm-lora: head analog
     loaded = L.load_adapter(plain, out)
-    assert len(L.analog_lora_layers(loaded)) == 8
+    # every analog layer but the head: peft then saves no embedding matrix either
+    assert len(L.analog_lora_layers(loaded)) == 7
+    assert not any("lm_head" in n for n in L.analog_lora_layers(loaded))
+    from safetensors import safe_open
+
+    with safe_open(str(out / "adapter_model.safetensors"), "pt") as f:
+        assert not any("embed" in k or "lm_head" in k for k in f.keys())
+
+
+def test_default_targets_leave_an_analog_head_out(tiny_model):
+    model = tiny_model("llama")
+    afm.convert(model, get_preset("ahwa-lora"), convert_lm_head=True)
+    pm = L.attach_lora(model, r=2)
+    adapted = L.analog_lora_layers(pm)
+    assert adapted and not any(n.endswith("lm_head") for n in adapted)
+    explicit = L.attach_lora(pm.get_base_model(), r=2, targets=["lm_head"], adapter_name="head")
+    assert any(n.endswith("lm_head") for n in L.analog_lora_layers(explicit))

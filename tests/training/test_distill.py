@@ -218,3 +218,12 @@ def test_w4a8_qat_baseline_trains_with_the_same_recipe(setup, tmp_path):
     # The forward sees 4-bit weights: at most 15 distinct levels per row.
     q = fake_quantize_weight(layer.weight.detach(), bits=4)
     assert max(len(torch.unique(row)) for row in q) <= 15
+
+
+def test_make_student_follows_the_presets_head_policy(tiny_model):
+    teacher = tiny_model("llama")
+    assert "lm_head" in afm.analog_layers(make_student(teacher, "afm-paper"))
+    assert "lm_head" not in afm.analog_layers(make_student(teacher, "w4a8-qat"))
+    assert "lm_head" not in afm.analog_layers(make_student(teacher, "afm-paper", convert_lm_head=False))
+    # a config (not a name) has no head policy: afm.convert's default, digital
+    assert "lm_head" not in afm.analog_layers(make_student(teacher, afm.get_preset("afm-paper")))

@@ -11,10 +11,11 @@ which layers are visited or on which other layers are selected.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import operator
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +34,14 @@ from afm.analog.select import (
 )
 from afm.seeds import derive_seed
 
-__all__ = ["NoiseHandle", "apply_noise", "apply_noise_", "layer_seed", "select_noise_layers"]
+__all__ = [
+    "NoiseHandle",
+    "apply_noise",
+    "apply_noise_",
+    "layer_seed",
+    "seeded_read_noise",
+    "select_noise_layers",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -247,6 +255,21 @@ def _seed_read_noise(
             gen = torch.Generator().manual_seed(derive_seed("afm-read-noise", seed, name))
             module.noise_generator = gen
     return previous
+
+
+@contextlib.contextmanager
+def seeded_read_noise(model: nn.Module, seed: int) -> Iterator[nn.Module]:
+    """The model's eval-time output noise seeded from ``seed`` and each layer's name, as
+    on a programmed chip, without programming noise: an unprogrammed evaluation of a
+    chip whose output noise stays on at eval (``ahwa-lora``) is reproducible too.  The
+    layers' previous generators are put back on exit."""
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, AnalogLinear)}
+    previous = _seed_read_noise(layers, seed)
+    try:
+        yield model
+    finally:
+        for layer, generator in previous.items():
+            layer.noise_generator = generator
 
 
 def apply_noise(model: nn.Module, noise_model: NoiseModel, seed: int, **kwargs: Any) -> nn.Module:
