@@ -224,6 +224,8 @@ def test_make_student_follows_the_presets_head_policy(tiny_model):
     teacher = tiny_model("llama")
     assert "lm_head" in afm.analog_layers(make_student(teacher, "afm-paper"))
     assert "lm_head" not in afm.analog_layers(make_student(teacher, "w4a8-qat"))
-    assert "lm_head" not in afm.analog_layers(make_student(teacher, "afm-paper", convert_lm_head=False))
+    assert "lm_head" not in afm.analog_layers(
+        make_student(teacher, "afm-paper", convert_lm_head=False)
+    )
     # a config (not a name) has no head policy: afm.convert's default, digital
     assert "lm_head" not in afm.analog_layers(make_student(teacher, afm.get_preset("afm-paper")))
