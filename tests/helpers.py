@@ -2,11 +2,14 @@
 
 * :func:`tiny_llama_for` — a tiny random Llama sized for a tokenizer;
 * :func:`run_two_ranks` — launch a worker script on 2 CPU processes with torchrun (gloo),
-  for the engine tests.
+  for the engine tests;
+* :func:`load_script` — a script of ``scripts/`` as a module (the drills share their
+  tables with the tests).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 import subprocess
@@ -62,3 +65,14 @@ def run_two_ranks(script: Path, *args: str, timeout: int = 900) -> None:
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def load_script(name: str):  # noqa: ANN201
+    """``scripts/<name>.py`` imported as a module (registered in ``sys.modules``)."""
+    spec = importlib.util.spec_from_file_location(
+        f"afm_script_{name}", REPO / "scripts" / f"{name}.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module

@@ -1,7 +1,9 @@
 """Shared CLI plumbing, one convention for all afm commands.
 
 Bad input is one line on stderr, ``afm-<cmd>: error: <what is wrong>``, exit status 2
-(usage errors from argparse too); ``AFM_DEBUG=1`` shows the traceback instead.
+(usage errors from argparse too).  A run that cannot go on correctly (training that
+diverged: :class:`afm.training.guard.TrainingStopped`) is one line too, exit status 1.
+``AFM_DEBUG=1`` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -24,6 +26,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (CliError, ValueError, OSError, ImportError)
 
 
+def _run_failures() -> tuple[type[BaseException], ...]:
+    # Imported here: afm.training pulls in torch, which `--help` does not need.
+    from afm.training.guard import TrainingStopped
+
+    return (TrainingStopped,)
+
+
 def one_line(err: BaseException) -> str:
     text = " ".join(str(err).split())
     return text or type(err).__name__
@@ -44,6 +53,11 @@ def run_cli(prog: str, fn: Callable[[], int]) -> int:
             raise
         print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
         return 2
+    except Exception as err:
+        if os.environ.get("AFM_DEBUG") or not isinstance(err, _run_failures()):
+            raise
+        print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
+        return 1
 
 
 def setup_logging(quiet: bool) -> None:
@@ -54,6 +68,10 @@ def setup_logging(quiet: bool) -> None:
     )
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if quiet:  # transformers' own bars ("Loading weights") too
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 def cli_main(

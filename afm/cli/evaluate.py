@@ -50,9 +50,18 @@ def _parser() -> argparse.ArgumentParser:
         "placement=FILE from afm-plan),rtn_w4=true,"
         "calib=toyworld|FILE|none'; repeat for a side-by-side comparison",
     )
-    g.add_argument("--tasks", help="lm-eval tasks/groups/tags or YAML paths: 'a,b:5' (b 5-shot)")
+    g.add_argument(
+        "--tasks",
+        help="lm-eval tasks/groups/tags or YAML paths: 'a,b:5' (b 5-shot); task YAMLs can "
+        "run Python (!function), so pass only files you trust",
+    )
     g.add_argument("--suite", help="a suite YAML (or a bundled name: afm_paper, toyworld)")
-    g.add_argument("--include-path", action="append", default=[], help="extra lm-eval task dir")
+    g.add_argument(
+        "--include-path",
+        action="append",
+        default=[],
+        help="extra lm-eval task dir (trusted code only: its YAMLs can run Python)",
+    )
     g.add_argument("--num-fewshot", type=int, help="few-shot count for tasks that give none")
     g.add_argument("--limit", type=float, help="problems per task (an int, or a fraction < 1)")
     g.add_argument(

@@ -12,7 +12,9 @@ and calibrated on the task's training texts.  ``--task``: a bundled toy-world ta
 (``mul``, ``facts-new``, ``arith``; see ``afm.toyworld.lora_tasks``) or a JSONL file with
 ``{"prompt": ..., "completion": ...}`` per line (the LM loss is on the completion
 only).  The adapter alone is saved to ``--output`` (peft ``adapter_model.safetensors``
-+ ``adapter_config.json``) with ``afm_lora.json`` (settings and results).  Then the
++ ``adapter_config.json``) with ``afm_lora.json`` (settings and results), once training
+and evaluation are done; ``--output`` must be new or empty (``--overwrite`` replaces a
+previous afm-lora adapter there) and is checked before anything is loaded.  Then the
 base alone and base + adapter are evaluated without deployment noise and under the
 deployment noise model (``--noise``, one programmed chip per seed; ``pcm-drift`` at
 each ``--drift-times``), mean ± std over seeds.  Load the adapter again with
@@ -49,7 +51,12 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--base", required=True, help="afm checkpoint dir, HF model dir/id or alias")
     ap.add_argument("--preset", default="ahwa-lora", help="hardware preset for a plain base")
     ap.add_argument("--task", required=True, help="bundled task name or a .jsonl file")
-    ap.add_argument("--output", required=True, help="directory for the adapter")
+    ap.add_argument("--output", required=True, help="directory for the adapter (new or empty)")
+    ap.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an afm-lora adapter already in --output (other files are refused)",
+    )
     ap.add_argument("--r", type=int, default=8, help="LoRA rank (default 8)")
     ap.add_argument("--alpha", type=float, default=32, help="lora_alpha (default 32)")
     ap.add_argument(

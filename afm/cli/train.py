@@ -5,14 +5,25 @@
     accelerate launch --config_file configs/accelerate/ddp-8gpu.yaml -m afm.cli.train ...
 
 Every option of the run is a key of the YAML (``--config``) and can be set with
-``--set key=value`` (e.g. ``--set train.lr=1e-4 --set data.num_tokens=1000000``).
+``--set key=value`` (e.g. ``--set train.lr=1e-4 --set data.num_tokens=1e6``).
 The output directory receives the final model (loads with
 ``AutoModelForCausalLM.from_pretrained`` after ``import afm``), its tokenizer,
 ``run_config.json`` / ``run_config.yaml`` (the resolved config), ``data/`` (the
-synthetic shards), ``checkpoints/``, ``log.jsonl`` and ``eval.json``.  Running
-the same command again resumes an interrupted run; with a raised
-``--set train.max_steps=N`` it extends a finished one from its last checkpoint; a
-directory that holds a different run is refused.
+synthetic shards), ``checkpoints/``, ``log.jsonl`` and ``eval.json``.
+
+Running the same command again resumes an interrupted run (from the newest intact
+checkpoint) and does nothing for a finished one, unless ``eval.*`` changed: then the
+saved student is evaluated again; with a raised ``--set train.max_steps=N`` it
+extends a finished run from its last checkpoint.  A directory that holds a different
+run, or is in use by a running afm-train, is refused.  Everything is checked before
+anything is written: bad input is one line ``afm-train: error: ...`` and exit status
+2.  Training that diverges (``train.max_consecutive_skips`` skipped steps in a row)
+stops with exit status 1 and saves nothing; a non-finite model is never saved.
+
+``--model`` may be an afm (analog) checkpoint: the teacher is then its digital
+weights (``afm.revert``) — the teacher of a distillation is always digital — and the
+student is a fresh copy on the chip of ``--preset`` (default afm-paper) with input
+ranges calibrated anew; the checkpoint's old chip is not kept.
 
 Your own corpus instead of (or mixed with) teacher-generated data:
 ``--set corpus.path=my.jsonl`` (``corpus.mix=0.5`` for half and half).
@@ -34,7 +45,11 @@ PROG = "afm-train"
 def _parser():  # noqa: ANN202
     p = make_parser(PROG, __doc__)
     p.add_argument("--model", help="alias (tiny, phi-3-mini, ...), local directory or hub id")
-    p.add_argument("--preset", help="hardware preset of the student (default afm-paper)")
+    p.add_argument(
+        "--preset",
+        help="hardware preset of the student (default afm-paper); also for an analog "
+        "--model, whose old chip is replaced",
+    )
     p.add_argument("--config", help="run YAML (keys: model, preset, data.*, train.*, eval.*)")
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override one key"
@@ -62,7 +77,9 @@ def _run(args: argparse.Namespace) -> int:
     summary = outcome.summary
     if not outcome.main_process:
         return 0
-    if outcome.already_finished:
+    if outcome.reevaluated:
+        print(f"{PROG}: {outcome.output} holds this finished run; evaluated it again")
+    elif outcome.already_finished:
         print(f"{PROG}: {outcome.output} already holds this finished run; nothing to do")
     if summary.get("table"):
         print(summary["table"])

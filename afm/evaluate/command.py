@@ -6,6 +6,7 @@ and calls :func:`run_eval_request`; notebooks and scripts can do the same.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from afm.evaluate.specs import EvalInputError, ModelSpec, TaskSpec, load_suite, 
 from afm.evaluate.sweep import parse_value, sweep_conditions
 from afm.evaluate.ttc import check_ns, default_ns, run_ttc
 from afm.evaluate.ttc_sampling import LmEvalSource, ToyArithSource
+from afm.validation import check_device, check_output_path
 
 __all__ = ["EvalRequest", "run_eval_request"]
 
@@ -94,7 +96,7 @@ def _ns(req: EvalRequest) -> list[int]:
 def _limit(value: float | None) -> int | float | None:
     if value is None:
         return None
-    if value <= 0:
+    if not math.isfinite(value) or value <= 0:
         raise EvalInputError(f"--limit must be > 0, got {value:g}")
     return int(value) if value >= 1 else value
 
@@ -174,13 +176,45 @@ def _run_ttc(req, models, specs, conds, limit, meta, progress) -> EvalReport:  #
     )
 
 
+def _check_name(name: str | None) -> None:
+    """``--name`` is a file stem inside ``--out``: no directories, no way out of it."""
+    if name is None:
+        return
+    if not name.strip() or name in (".", "..") or any(c in name for c in "/\\\0"):
+        raise EvalInputError(
+            f"--name {name!r} is invalid: a file name without directories (the files go to --out)"
+        )
+
+
+def _check_numbers(req: EvalRequest) -> None:
+    """The numeric flags, before anything is loaded (one line naming the flag)."""
+    for flag, value in (
+        ("--threads", req.threads),
+        ("--batch-size", req.batch_size),
+        ("--max-new-tokens", req.max_new_tokens),
+        ("--n-subsets", req.n_subsets),
+        ("--sample-batch", req.sample_batch),
+    ):
+        if value is not None and value < 1:
+            raise EvalInputError(f"{flag} must be >= 1, got {value}")
+    if not math.isfinite(req.temperature) or req.temperature < 0:
+        raise EvalInputError(f"--temperature must be a finite number >= 0, got {req.temperature}")
+    if not (0 < req.top_p <= 1):
+        raise EvalInputError(f"--top-p must be in (0, 1], got {req.top_p}")
+    if req.num_fewshot is not None and req.num_fewshot < 0:
+        raise EvalInputError(f"--num-fewshot must be >= 0, got {req.num_fewshot}")
+
+
 def run_eval_request(req: EvalRequest) -> tuple[EvalReport, dict[str, Path]]:
     """Validate the request, evaluate, write ``<out>/<name>.md|.json|.png``; returns the
-    report and the written paths.  Bad input raises :class:`EvalInputError`."""
+    report and the written paths.  Bad input raises :class:`EvalInputError` (or a
+    ``ValueError`` naming the flag) before any model is loaded."""
     progress = not req.quiet
+    _check_numbers(req)
+    check_device("", "--device", req.device)
+    check_output_path("--out", req.out)
+    _check_name(req.name)
     if req.threads is not None:
-        if req.threads <= 0:
-            raise EvalInputError(f"--threads must be > 0, got {req.threads}")
         import torch
 
         torch.set_num_threads(req.threads)

@@ -24,6 +24,7 @@ from afm.export.rtn import rtn_w4
 from afm.models import ModelNotFoundError, load_model, load_tokenizer, resolve_model
 from afm.presets import PRESETS, analog_head_of, get_preset
 from afm.toyworld.world import training_documents
+from afm.validation import check_safetensors_files
 
 __all__ = ["DTYPES", "check_model_spec", "load_model_spec", "read_texts"]
 
@@ -109,6 +110,8 @@ def check_model_spec(spec: ModelSpec) -> None:
     local = resolved.startswith((".", "/", "~")) or resolved != spec.path
     if local and not (Path(resolved).expanduser() / "config.json").is_file():
         raise EvalInputError(f"checkpoint {spec.path!r} not found (no config.json in {resolved})")
+    if Path(resolved).expanduser().is_dir():
+        check_safetensors_files(Path(resolved).expanduser())  # a truncated file: one line
 
 
 def _placement(spec: ModelSpec) -> AfmQuantizationConfig:

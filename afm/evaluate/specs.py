@@ -190,7 +190,13 @@ def load_suite(path: str | Path) -> tuple[list[TaskSpec], dict[str, Any]]:
             p = Path(str(bundled))
         else:
             raise EvalInputError(f"suite {str(path)!r} not found")
-    data = yaml.safe_load(p.read_text()) or {}
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        mark, problem = getattr(err, "problem_mark", None), getattr(err, "problem", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        why = problem or " ".join(str(err).split()) or type(err).__name__
+        raise EvalInputError(f"suite {str(p)!r} is not valid YAML ({where}{why})") from None
     if not isinstance(data, dict) or not isinstance(data.get("tasks"), list):
         raise EvalInputError(f"suite {p}: expected a mapping with a 'tasks' list")
     specs = []
@@ -203,17 +209,27 @@ def load_suite(path: str | Path) -> tuple[list[TaskSpec], dict[str, Any]]:
         if entry.get("enabled", True) is False:
             logger.info("suite %s: skipping %s (%s)", p, entry["task"], entry.get("note", ""))
             continue
-        specs.append(
-            TaskSpec(
-                str(entry["task"]),
-                entry.get("num_fewshot"),
-                entry.get("metric"),
-                entry.get("limit"),
-            )
-        )
+        specs.append(_suite_task(p, entry))
     meta = {k: v for k, v in data.items() if k != "tasks"}
     meta["suite_path"] = str(p)
     return specs, meta
+
+
+def _suite_task(path: Path, entry: dict[str, Any]) -> TaskSpec:
+    """One ``tasks:`` entry of a suite, its fields checked (one line naming the entry)."""
+    where = f"suite {str(path)!r}, task {entry['task']!r}"
+    shots, metric, limit = entry.get("num_fewshot"), entry.get("metric"), entry.get("limit")
+    if not isinstance(entry["task"], str) or not entry["task"].strip():
+        raise EvalInputError(f"suite {str(path)!r}: task {entry['task']!r} is not a name")
+    if shots is not None and (isinstance(shots, bool) or not isinstance(shots, int) or shots < 0):
+        raise EvalInputError(f"{where}: num_fewshot={shots!r} must be an int >= 0")
+    if metric is not None and not isinstance(metric, str):
+        raise EvalInputError(f"{where}: metric={metric!r} must be a metric name")
+    if limit is not None and (
+        isinstance(limit, bool) or not isinstance(limit, (int, float)) or not 0 < limit < 1e12
+    ):
+        raise EvalInputError(f"{where}: limit={limit!r} must be a number > 0")
+    return TaskSpec(entry["task"], shots, metric, limit)
 
 
 def bundled_tasks_dir() -> Path:

@@ -45,6 +45,7 @@ from afm.export.rtn import (
 from afm.export.summary import ExportSummary, LayerExport
 from afm.models import resolve_model
 from afm.reference import fake_quantize_weight
+from afm.validation import check_safetensors_files
 
 logger = logging.getLogger(__name__)
 
@@ -155,6 +156,8 @@ def _load_source(source: str | Path) -> tuple[nn.Module, str]:
     resolved = resolve_model(name)
     if Path(resolved).is_dir() and not (Path(resolved) / "config.json").is_file():
         raise ValueError(f"cannot load the model in {resolved!r}: it has no config.json")
+    if Path(resolved).is_dir():
+        check_safetensors_files(resolved)  # a truncated file: one line naming it
     try:
         model = AutoModelForCausalLM.from_pretrained(resolved, dtype="auto")
     except (OSError, ValueError) as err:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,12 +30,14 @@ from afm.lora.train import completion_loss, train_adapter
 from afm.models import load_tokenizer, resolve_model
 from afm.presets import eval_noise_of, preset_of
 from afm.toyworld import lora_tasks
+from afm.validation import check_device, check_output_path, check_safetensors_files
 
 __all__ = [
     "LoraExperiment",
     "evaluate_under_noise",
     "format_lora_table",
     "held_out_split",
+    "prepare_output",
     "run_lora_experiment",
 ]
 
@@ -98,21 +101,80 @@ class LoraExperiment:
     device: str = "cpu"
     threads: int | None = None
     quiet: bool = False
+    overwrite: bool = False
+    """Replace a previous afm-lora adapter in ``output`` (other files are never touched)."""
 
     def check(self) -> None:
         """The cheap checks, before anything is loaded (``ValueError`` naming the flag)."""
         if self.r < 1:
             raise ValueError(f"--r {self.r} is invalid: the LoRA rank must be >= 1")
-        if not self.alpha > 0:
-            raise ValueError(f"--alpha {self.alpha} is invalid: must be > 0")
-        if self.steps < 1:
-            raise ValueError(f"--steps {self.steps} is invalid: must be >= 1")
-        if not self.lr > 0:
-            raise ValueError(f"--lr {self.lr} is invalid: must be > 0")
-        if self.batch_size < 1:
-            raise ValueError(f"--batch-size {self.batch_size} is invalid: must be >= 1")
-        if self.noise_seeds is not None and self.noise_seeds < 1:
-            raise ValueError(f"--noise-seeds {self.noise_seeds} is invalid: must be >= 1")
+        for flag, value in (("--alpha", self.alpha), ("--lr", self.lr)):
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{flag} {value} is invalid: must be a finite number > 0")
+        if not (math.isfinite(self.noise_scale) and self.noise_scale >= 0):
+            raise ValueError(f"--noise-scale {self.noise_scale} is invalid: must be >= 0")
+        for flag, value, low in (
+            ("--steps", self.steps, 1),
+            ("--batch-size", self.batch_size, 1),
+            ("--noise-seeds", self.noise_seeds, 1),
+            ("--calib-steps", self.calib_steps, 0),
+            ("--eval-n", self.eval_n, 1),
+            ("--threads", self.threads, 1),
+        ):
+            if value is not None and value < low:
+                raise ValueError(f"{flag} {value} is invalid: must be >= {low}")
+        check_device("", "--device", self.device)
+        _check_output(Path(self.output), self.overwrite, self.output_files())
+
+    def output_files(self) -> tuple[str, ...]:
+        """The files this mode writes into ``output`` (what ``overwrite`` may replace)."""
+        return OUTPUT_FILES
+
+
+#: What afm-lora writes into its output directory (peft's adapter files and its own).
+OUTPUT_FILES = ("adapter_model.safetensors", "adapter_config.json", "README.md", "afm_lora.json")
+
+
+def prepare_output(exp: LoraExperiment) -> Path:
+    """``exp.output`` checked again (minutes have passed since :meth:`LoraExperiment.check`),
+    created, and cleared of a previous adapter's files (``--overwrite``: none stays)."""
+    out = Path(exp.output)
+    own = exp.output_files()
+    _check_output(out, exp.overwrite, own)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in own:
+        (out / name).unlink(missing_ok=True)
+    return out
+
+
+def _check_output(out: Path, overwrite: bool, own: tuple[str, ...]) -> None:
+    """``--output`` must be new or empty; with ``overwrite`` it may hold a previous
+    afm-lora adapter (the files ``own``), and nothing else."""
+    check_output_path("--output", out)
+    if not out.is_dir():
+        return
+    entries = sorted(e.name for e in out.iterdir())
+    if not entries:
+        return
+    if not overwrite:
+        raise ValueError(
+            f"--output {str(out)!r} is not empty; choose a new or empty directory (or pass "
+            "--overwrite to replace an afm-lora adapter saved there)"
+        )
+    foreign = [e for e in entries if e not in own]
+    if foreign:
+        raise ValueError(
+            f"--output {str(out)!r} holds files that are not an afm-lora adapter (e.g. "
+            f"{foreign[0]!r}); --overwrite only replaces an adapter: choose a new or empty "
+            "directory"
+        )
+
+
+def _save(peft_model: Any, exp: LoraExperiment, meta: dict[str, Any]) -> None:
+    """The adapter and ``afm_lora.json`` into ``exp.output`` (a previous one replaced)."""
+    out = prepare_output(exp)
+    peft_model.save_pretrained(out)
+    (out / "afm_lora.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
 def _task(exp: LoraExperiment) -> tuple[Any, list[tuple[str, str]] | None]:
@@ -161,6 +223,8 @@ def _check_base(exp: LoraExperiment) -> str:
     looks_local = resolved.startswith(("/", ".", "~")) or Path(resolved).exists()
     if looks_local and not (Path(resolved).expanduser() / "config.json").is_file():
         raise ValueError(f"base model {exp.base!r} not found (no config.json in {resolved})")
+    if looks_local:
+        check_safetensors_files(Path(resolved).expanduser())
     return resolved
 
 
@@ -229,9 +293,6 @@ def run_lora_experiment(exp: LoraExperiment) -> dict[str, Any]:
         noise=not exp.no_train_noise,
         progress=not exp.quiet,
     )
-    out = Path(exp.output)
-    out.mkdir(parents=True, exist_ok=True)
-    peft_model.save_pretrained(out)
     metric, evaluate = _evaluation(exp, task, tokenizer, eval_pairs)
     seeds = list(range(_noise_seeds(exp)))
     rows = []
@@ -262,7 +323,7 @@ def run_lora_experiment(exp: LoraExperiment) -> dict[str, Any]:
         "metric": metric,
         "results": rows,
     }
-    (out / "afm_lora.json").write_text(json.dumps(meta, indent=2) + "\n")
+    _save(peft_model, exp, meta)
     return meta
 
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from afm.evaluate.conditions import make_conditions
 from afm.evaluate.loop import scores_under_noise
-from afm.lora.experiment import LoraExperiment, run_lora_experiment
+from afm.lora.experiment import OUTPUT_FILES, LoraExperiment, prepare_output, run_lora_experiment
 from afm.lora.instruct_data import (
     InstructDataError,
     check_grpo_columns,
@@ -102,6 +102,17 @@ class TrlExperiment(LoraExperiment):
             )
         if self.chat_template and not Path(self.chat_template).is_file():
             raise ValueError(f"--chat-template {self.chat_template}: file not found")
+
+    def output_files(self) -> tuple[str, ...]:
+        """The adapter's files and the TRL modes' reports (``--eval-out`` defaults to
+        ``--output``): what ``--overwrite`` may replace."""
+        reports = tuple(
+            f"{mode}-{kind}.{ext}"
+            for mode in ("sft", "grpo")
+            for kind in ("eval", "curves")
+            for ext in ("md", "json", "png")
+        )
+        return OUTPUT_FILES + reports
 
 
 @dataclass
@@ -274,8 +285,7 @@ def run_trl_experiment(exp: TrlExperiment) -> dict[str, Any]:
         _, point = _evaluator(exp, data, tokenizer, rewards, exp.curve_n or exp.eval_n)
         curve_fn = _curve_fn(conditions[-1], point, exp.curve_seeds)
     result = _train(exp, pm, tokenizer, data.train, rewards, curve_fn)
-    out = Path(exp.output)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_output(exp)
     pm.save_pretrained(out, selected_adapters=["default"])
     label = f"base+{exp.mode}"
     states: list[tuple[str, str | None]] = [("base", None)]

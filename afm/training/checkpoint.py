@@ -4,9 +4,12 @@
 tensors handled by ``safetensors.torch.save_model``), ``optimizer.safetensors`` +
 ``optimizer.json`` (AdamW state tensors / param groups), ``scheduler.json``,
 ``afm_config.json``, ``rng-rank{r}.safetensors`` (per-rank torch RNG), and
-``trainer_state.json`` (step, skipped steps, world size, config fingerprint;
-written last, so a directory without it is incomplete).  The directory is
-assembled under a temporary name and renamed.
+``trainer_state.json`` (step, skipped steps, world size, config fingerprint), and
+``manifest.json`` (size and SHA-256 of every other file; written last).  The
+directory is assembled under a temporary name (``.checkpoint-NNNNNNN.tmp``) and
+renamed, so a killed save leaves only a temporary directory, which the next run
+removes; a checkpoint damaged later (a truncated file, a bad disk) fails its manifest
+on resume and the run resumes from the newest intact one (:func:`newest_intact`).
 
 FSDP (v1): the same files, consolidated — the full model and optimizer state
 dicts are gathered onto the main process and written as above; on resume every
@@ -35,6 +38,7 @@ from torch import nn
 
 from afm.analog.hf import AfmQuantizationConfig
 from afm.training.engines import fsdp_full_state_dict_type
+from afm.training.files import read_json, sha256_file
 from afm.training.fsdp2 import (
     full_optimizer_state,
     full_state,
@@ -45,12 +49,17 @@ from afm.training.fsdp2 import (
 logger = logging.getLogger(__name__)
 
 CKPT_PREFIX = "checkpoint-"
+MANIFEST = "manifest.json"
 
 __all__ = [
     "CKPT_PREFIX",
+    "MANIFEST",
+    "checkpoint_problem",
     "list_checkpoints",
     "load_checkpoint",
+    "newest_intact",
     "prune_checkpoints",
+    "remove_unfinished",
     "save_checkpoint",
 ]
 
@@ -104,6 +113,7 @@ def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
 
 
 def list_checkpoints(ckpt_root: str | Path) -> list[Path]:
+    """The checkpoint directories of ``ckpt_root``, oldest first (not verified)."""
     root = Path(ckpt_root)
     if not root.is_dir():
         return []
@@ -113,9 +123,80 @@ def list_checkpoints(ckpt_root: str | Path) -> list[Path]:
         if p.is_dir()
         and p.name.startswith(CKPT_PREFIX)
         and p.name[len(CKPT_PREFIX) :].isdigit()
-        and (p / "trainer_state.json").exists()
+        and ((p / MANIFEST).exists() or (p / "trainer_state.json").exists())
     ]
     return sorted(found, key=lambda p: int(p.name[len(CKPT_PREFIX) :]))
+
+
+def _files_of(directory: Path) -> dict[str, Path]:
+    return {
+        str(f.relative_to(directory)): f
+        for f in sorted(directory.rglob("*"))
+        if f.is_file() and f.name != MANIFEST
+    }
+
+
+def _write_manifest(directory: Path) -> None:
+    files = {
+        rel: {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
+        for rel, f in _files_of(directory).items()
+    }
+    (directory / MANIFEST).write_text(json.dumps({"format": 1, "files": files}, indent=1))
+
+
+def checkpoint_problem(ckpt: Path) -> str | None:
+    """Why ``ckpt`` cannot be resumed from (None: it is intact).  Reads every file once
+    to check it against the manifest."""
+    if not (ckpt / MANIFEST).exists():  # written before manifests existed
+        return None if (ckpt / "trainer_state.json").exists() else "no manifest.json"
+    try:
+        files = read_json(ckpt / MANIFEST, "checkpoint manifest")["files"]
+    except (ValueError, KeyError, TypeError) as err:
+        return str(err) if str(err) else "manifest.json has no file list"
+    for rel, want in files.items():
+        f = ckpt / rel
+        if not f.is_file():
+            return f"{rel} is missing"
+        if f.stat().st_size != want["bytes"]:
+            return f"{rel} has {f.stat().st_size} bytes, the manifest says {want['bytes']}"
+        if sha256_file(f) != want["sha256"]:
+            return f"{rel} does not match its checksum"
+    return None
+
+
+def newest_intact(ckpt_root: Path) -> Path | None:
+    """The newest checkpoint that passes :func:`checkpoint_problem`; every damaged newer
+    one is named in a warning (they are overwritten when their step is saved again)."""
+    damaged = 0
+    for ckpt in reversed(list_checkpoints(ckpt_root)):
+        problem = checkpoint_problem(ckpt)
+        if problem is None:
+            if damaged:
+                logger.warning("resuming from %s, the newest intact checkpoint", ckpt)
+            return ckpt
+        damaged += 1
+        logger.warning("checkpoint %s is damaged (%s); trying an older one", ckpt, problem)
+    if damaged:
+        logger.warning("no intact checkpoint in %s: training starts from step 0", ckpt_root)
+    return None
+
+
+def remove_unfinished(ckpt_root: Path) -> None:
+    """Remove the temporary directories of saves that were killed (call it on the main
+    process before training starts, with the run's lock held: nothing else writes here)."""
+    if not ckpt_root.is_dir():
+        return
+    for tmp in sorted(ckpt_root.glob(f".{CKPT_PREFIX}*.tmp")):
+        final = ckpt_root / tmp.name[1 : -len(".tmp")]
+        done = (tmp / MANIFEST).exists() and checkpoint_problem(tmp) is None
+        if done and not final.exists():  # killed between the manifest and the rename
+            os.rename(tmp, final)
+            logger.info("finished the save of %s (killed before its rename)", final)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+            logger.info("removed %s, left by a save that was killed", tmp)
+    for old in sorted(ckpt_root.glob(f".{CKPT_PREFIX}*.old")):
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _save_optimizer(sd: dict, directory: Path) -> None:
@@ -129,7 +210,7 @@ def _save_optimizer(sd: dict, directory: Path) -> None:
 def _load_optimizer(directory: Path) -> dict:
     from safetensors.torch import load_file
 
-    meta = json.loads((directory / "optimizer.json").read_text())
+    meta = read_json(directory / "optimizer.json", "checkpoint file")
     return _optimizer_from_tensors(load_file(str(directory / "optimizer.safetensors")), meta)
 
 
@@ -151,7 +232,7 @@ def save_checkpoint(
 
     step = state["step"]
     final = root / f"{CKPT_PREFIX}{step:07d}"
-    tmp = root / f".{CKPT_PREFIX}{step:07d}.tmp"
+    tmp = root / f".{CKPT_PREFIX}{step:07d}.tmp"  # one name for every rank
     if accelerator.is_main_process:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -185,9 +266,12 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        _write_manifest(tmp)
+        old = root / f".{final.name}.old"  # a damaged checkpoint of this step, replaced
         if final.exists():
-            shutil.rmtree(final)
+            os.rename(final, old)
         os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
         logger.info("saved checkpoint %s", final)
     accelerator.wait_for_everyone()
 
@@ -205,7 +289,7 @@ def load_checkpoint(
     from accelerate.utils import DistributedType
     from safetensors.torch import load_file, load_model
 
-    state = json.loads((ckpt / "trainer_state.json").read_text())
+    state = read_json(ckpt / "trainer_state.json", "checkpoint file")
     if state.get("world_size") != accelerator.num_processes:
         raise RuntimeError(
             f"checkpoint {ckpt} was written by {state.get('world_size')} processes; this run "
@@ -229,6 +313,6 @@ def load_checkpoint(
     else:
         load_model(accelerator.unwrap_model(model), str(ckpt / "model.safetensors"))
         inner.load_state_dict(_load_optimizer(ckpt))
-    scheduler.load_state_dict(json.loads((ckpt / "scheduler.json").read_text()))
+    scheduler.load_state_dict(read_json(ckpt / "scheduler.json", "checkpoint file"))
     _set_rng_state(load_file(str(ckpt / f"rng-rank{accelerator.process_index}.safetensors")))
     return state

@@ -14,7 +14,6 @@ shards ``i ≡ r (mod w)``.
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 import os
 import time
@@ -27,8 +26,11 @@ import numpy as np
 import torch
 
 from afm.seeds import derive_seed
+from afm.training.data_checks import check_seq_len, resolve_backend
 from afm.training.data_config import DataError, SyntheticDataConfig, shard_seed
+from afm.training.files import remove_orphans, write_json_atomic
 from afm.training.shards import (
+    META,
     STATS,
     check_meta,
     complete_shards,
@@ -44,10 +46,11 @@ from afm.training.teacher_targets import (
     missing_targets,
     row_targets,
 )
+from afm.validation import check_device, check_output_path, check_safetensors_files
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["generate_synthetic_data"]
+__all__ = ["generate_for_model", "generate_synthetic_data", "read_prompts"]
 
 
 def _dist_info() -> tuple[int, int]:
@@ -59,7 +62,8 @@ def _dist_info() -> tuple[int, int]:
 # --------------------------------------------------------------------------- sampling
 
 
-def _read_prompts(path: str, tokenizer: Any) -> list[list[int]]:
+def read_prompts(path: str, tokenizer: Any) -> list[list[int]]:
+    """The lines of a prompts file as token ids, BOS first (empty lines skipped)."""
     p = Path(path)
     if not p.is_file():
         raise DataError(f"prompts file {path!r} does not exist")
@@ -213,38 +217,20 @@ def _vllm_top_k(step: dict[int, Any], k: int) -> dict[str, np.ndarray]:
 
 
 def _resolve_backend(cfg: SyntheticDataConfig) -> str:
+    """``data_checks.resolve_backend``, and transformers where the targets need draws
+    from the full distribution (vLLM returns top-k logprobs only)."""
     sampled = "sampled" in cfg.target_forms
     if cfg.backend == "vllm" and sampled:
-        # vLLM returns top-k logprobs, not draws from the full distribution.
         raise DataError(
             f"data.targets={cfg.targets!r} needs data.backend='hf': vLLM returns top-k "
             "logprobs only (use data.targets='top_k' with vLLM)"
         )
-    backend = _available_backend(cfg)
+    backend = resolve_backend(cfg)
     if backend == "vllm" and sampled:
         logger.warning("data.targets=%r: sampling with transformers (vLLM returns top-k "
                        "logprobs only)", cfg.targets)  # fmt: skip
         return "hf"
     return backend
-
-
-def _available_backend(cfg: SyntheticDataConfig) -> str:
-    if cfg.backend == "hf":
-        return "hf"
-    try:
-        import vllm  # noqa: F401
-
-        have_vllm = True
-    except ImportError:
-        have_vllm = False
-    if cfg.backend == "vllm":
-        if not have_vllm or not torch.cuda.is_available():
-            raise RuntimeError(
-                "data.backend='vllm' needs vLLM and a CUDA GPU: pip install vllm "
-                "(or use data.backend='hf')"
-            )
-        return "vllm"
-    return "vllm" if have_vllm and torch.cuda.is_available() else "hf"
 
 
 def _generate_shard(
@@ -370,14 +356,19 @@ def generate_synthetic_data(
     r0, w0 = _dist_info()
     rank = r0 if rank is None else rank
     world_size = w0 if world_size is None else world_size
-    check_meta(out, config, model_name)
-    prompts = _read_prompts(config.prompts_file, tokenizer) if config.prompts_file else None
+    check_seq_len(config, model.config, model_name or str(model.name_or_path))
+    prompts = read_prompts(config.prompts_file, tokenizer) if config.prompts_file else None
     backend = _resolve_backend(config)
+    check_meta(out, config, model_name)  # the first write
     todo = [
         i
         for i in range(config.num_shards)
         if i % world_size == rank and i not in complete_shards(out)
     ]
+    # Leftovers of killed runs: only those of the shards this worker writes (a worker on
+    # another machine may be writing its own; its pid means nothing here).
+    owned = tuple(f".{shard_name(i)}.tmp-" for i in todo)
+    remove_orphans(out, owned + ((f".{META}.tmp-", f".{STATS}.tmp-") if rank == 0 else ()))
     if max_shards is not None:
         todo = todo[:max_shards]
     llm = None
@@ -418,9 +409,7 @@ def generate_synthetic_data(
         tokens_per_s=tokens / elapsed if elapsed > 0 and tokens else 0.0,
     )
     if stats["complete"]:
-        tmp = out / f".{STATS}.tmp-{os.getpid()}"
-        tmp.write_text(json.dumps(stats, indent=2))
-        os.replace(tmp, out / STATS)
+        write_json_atomic(out / STATS, stats)
         write_index(out)  # datasets.load_from_disk(out) / load_dataset(out) read it
     return stats
 
@@ -436,15 +425,16 @@ def generate_for_model(
     """Load the teacher ``model_name`` (alias, directory or hub id) and its tokenizer on
     ``device`` (default: CUDA when available, this rank's GPU under torchrun) and run
     :func:`generate_synthetic_data` (``afm-generate``)."""
-    from afm.models import load_model, load_tokenizer
+    from afm.models import load_model, load_tokenizer, resolve_model
 
+    check_device("", "--device", device)
+    check_output_path("--output", out_dir)
+    check_meta(Path(out_dir), config, model_name, write=False)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and "LOCAL_RANK" in os.environ:
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-    try:
-        torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"--device {device!r} is not a valid torch device") from None
+    if Path(resolve_model(model_name)).is_dir():
+        check_safetensors_files(resolve_model(model_name))
     model = load_model(model_name).to(device)
     tokenizer = load_tokenizer(model_name)
     return generate_synthetic_data(

@@ -64,13 +64,12 @@ class SyntheticDataConfig:
             check_int("data", name, getattr(self, name), minimum=1)
         if self.seq_len < 2:
             bad("seq_len", "must be >= 2")
-        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
-            bad("temperature", "must be >= 0 (0 = greedy)")
+        check_real("data", "temperature", self.temperature)  # 0 = greedy
         check_int("data", "top_k", self.top_k, minimum=1, allow_none=True)
-        if self.top_p is not None and not (
-            isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1
-        ):
-            bad("top_p", "must be in (0, 1] or None")
+        if self.top_p is not None:
+            check_real("data", "top_p", self.top_p, strict=True, maximum=1.0)
+        if self.prompts_file is not None and not isinstance(self.prompts_file, str):
+            bad("prompts_file", "must be a path or None")
         check_choice("data", "eos", self.eos, _EOS_MODES)
         check_choice("data", "backend", self.backend, _BACKENDS)
         check_int("data", "seed", self.seed)

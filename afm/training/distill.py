@@ -40,11 +40,14 @@ from afm.config import AnalogConfig
 from afm.presets import analog_head_of, get_preset
 from afm.training.batches import BatchOrder
 from afm.training.checkpoint import (
-    list_checkpoints,
+    CKPT_PREFIX,
     load_checkpoint,
+    newest_intact,
     prune_checkpoints,
+    remove_unfinished,
     save_checkpoint,
 )
+from afm.training.data_checks import check_token_ids
 from afm.training.distill_config import NOT_IN_FINGERPRINT, TEACHER_DTYPES, DistillConfig
 from afm.training.engines import (
     clip_after_step,
@@ -55,9 +58,11 @@ from afm.training.engines import (
     rebuild,
     skeleton,
 )
+from afm.training.guard import TrainingStopped, UpdateGuard, check_finite
 from afm.training.progress import TrainLog, resolve_progress
-from afm.training.step import Stepper
+from afm.training.step import SKIP_REASONS, Stepper
 from afm.training.teacher_targets import CachedTargets, resolve_target_form, tokens_only
+from afm.validation import check_device
 
 logger = logging.getLogger(__name__)
 
@@ -276,6 +281,35 @@ def _cached_targets(dataset: Any, cfg: DistillConfig, teacher: nn.Module | None)
     return CachedTargets(dataset, form)
 
 
+def _rollback(acc: Any, cfg: DistillConfig) -> bool:
+    """Whether the trainer keeps a copy to undo a non-finite update (``nonfinite_guard``)."""
+    from accelerate.utils import DistributedType
+
+    deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
+    if cfg.nonfinite_guard == "rollback" and deepspeed:
+        raise ValueError(
+            "train.nonfinite_guard='rollback' is not available under DeepSpeed (its "
+            "optimizer owns the fp32 masters); use 'stop' or 'auto'"
+        )
+    return cfg.nonfinite_guard == "rollback" or (cfg.nonfinite_guard == "auto" and not deepspeed)
+
+
+def _update_guard(acc: Any, model: nn.Module, optimizer: Any, cfg: DistillConfig) -> UpdateGuard:
+    names = {id(p): n for n, p in acc.unwrap_model(model).named_parameters()}
+    return UpdateGuard(optimizer, names, rollback=_rollback(acc, cfg))
+
+
+def _stopped(log: TrainLog, step: int, ckpt: Path | None) -> TrainingStopped:
+    first = step + 2 - log.consecutive
+    since = f"checkpoint {ckpt.name}" if ckpt is not None else "the start"
+    return TrainingStopped(
+        f"{log.consecutive} steps in a row were skipped (steps {first}-{step + 1}, the "
+        f"last for {SKIP_REASONS.get(log.last_reason or '', 'non-finite values')}): the run "
+        f"diverged or its data is broken; training stopped, nothing saved after {since}. "
+        "Lower train.lr, check the data, or raise train.max_consecutive_skips"
+    )
+
+
 # --------------------------------------------------------------------------- training
 
 
@@ -310,6 +344,7 @@ def distill(
     cfg = config
     if not analog_layers(student):
         raise ValueError("the student has no AnalogLinear layers: use make_student / afm.convert")
+    check_device("train", "teacher_device", cfg.teacher_device)
     targets = _cached_targets(dataset, cfg, teacher)
     dataset = tokens_only(dataset)
     acc = (
@@ -334,14 +369,19 @@ def distill(
             f"({order.global_batch} = {cfg.per_device_batch_size} per device × {world} "
             f"processes × {cfg.grad_accum_steps} accumulation)"
         )
+    if hasattr(getattr(dataset, "data", None), "table"):  # a datasets.Dataset: check its ids
+        vocab = student.get_input_embeddings().num_embeddings
+        check_token_ids(dataset, vocab, "the distillation dataset")
     total = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * order.steps_per_epoch))
     fingerprint = cfg.fingerprint(order.n)
     if targets is None:
         teacher = _freeze_teacher(teacher, cfg, acc.device)
     _prepare_student(student, cfg, acc.device)
 
-    checkpoints = list_checkpoints(ckpt_root) if resume else []
-    ckpt = checkpoints[-1] if checkpoints else None
+    if acc.is_main_process:
+        remove_unfinished(ckpt_root)
+    acc.wait_for_everyone()
+    ckpt = newest_intact(ckpt_root) if resume else None
     if ckpt is None:
         bar = resolve_progress(progress) == "bar" and acc.is_main_process
         _calibrate(student, order, cfg, pad_id, bar)
@@ -350,18 +390,20 @@ def distill(
     model, optimizer = acc.prepare(student, optimizer)
     clip_fn, clip_handle = clip_after_step(acc, model, optimizer)
 
-    start, skipped, resumed_from = 0, 0, None
+    state: dict[str, Any] = {"step": 0, "skipped_steps": 0}
     if ckpt is not None:
         state = _resume(acc, model, optimizer, scheduler, ckpt, fingerprint, total)
-        start, skipped, resumed_from = state["step"], state["skipped_steps"], state["step"]
-        logger.info("resumed from %s (step %d)", ckpt, start)
+        logger.info("resumed from %s (step %d)", ckpt, state["step"])
     else:
         torch.manual_seed(cfg.seed * 7919 + rank + 1)  # noise streams differ per rank
+    start = state["step"]
+    resumed_from = start if ckpt is not None else None
     end = total if max_steps_this_run is None else min(total, start + max_steps_this_run)
 
+    guard = _update_guard(acc, model, optimizer, cfg)
     stepper = Stepper(
         acc, model, teacher if targets is None else None, optimizer, order, cfg, pad_id, clip_fn,
-        targets,
+        guard, targets,
     )  # fmt: skip
     if cfg.report_to:
         acc.init_trackers("afm-train", config=_hparams(cfg))
@@ -370,28 +412,36 @@ def distill(
         start=start,
         total=total,
         end=end,
-        skipped=skipped,
+        skipped=state["skipped_steps"],
         logging_steps=cfg.logging_steps,
         main_process=acc.is_main_process,
         progress=progress,
         accelerator=acc,
+        consecutive=state.get("consecutive_skips", 0),
+        last_loss=state.get("last_loss"),
+        max_consecutive=cfg.max_consecutive_skips,
     )
     try:
         for step in range(start, end):
             outcome = stepper.run(step)
             scheduler.step()
             log.record(step, outcome, scheduler.get_last_lr()[0], acc)
+            if log.must_stop:
+                raise _stopped(log, step, ckpt)
             done = step + 1
             # The last step is saved too: a finished run can be extended (max_steps raised).
             if cfg.save_steps and (done % cfg.save_steps == 0 or done == end):
                 state = {
                     "step": done,
                     "skipped_steps": log.skipped,
+                    "consecutive_skips": log.consecutive,
+                    "last_loss": log.last_loss,
                     "total_steps": total,
                     "world_size": world,
                     "fingerprint": fingerprint,
                 }
                 save_checkpoint(acc, model, optimizer, scheduler, ckpt_root, state)
+                ckpt = ckpt_root / f"{CKPT_PREFIX}{done:07d}"
                 if acc.is_main_process:
                     prune_checkpoints(ckpt_root, cfg.save_total_limit)
     finally:
@@ -420,8 +470,11 @@ def _hparams(cfg: DistillConfig) -> dict[str, Any]:
 def save_student(student: nn.Module, out_dir: str | Path) -> Path:
     """``save_pretrained`` with the afm quantization config (loads after ``import afm``).
 
-    Pass the whole student (``DistillResult.model``, on the main process)."""
+    Pass the whole student (``DistillResult.model``, on the main process).  A student
+    holding a non-finite value is refused (:class:`~afm.training.guard.TrainingStopped`),
+    nothing written."""
     out = Path(out_dir)
+    check_finite(student, f"to save it to {str(out)!r}")
     attach_quantization_config(student)
     student.save_pretrained(out, safe_serialization=True)
     return out

@@ -2,23 +2,31 @@
 
 :func:`run_training` takes a resolved :class:`~afm.training.run_config.RunConfig` and
 
-1. refuses an output directory that holds another run (a rerun of the same one resumes;
-   one with a raised ``train.max_steps`` extends it from its last checkpoint);
-2. loads the FP teacher, samples the synthetic corpus into ``<output>/data`` (resumable),
-   with the sparse teacher targets of ``data.targets``, and/or packs the user's corpus
-   (``corpus.*``) into ``<output>/corpus``;
-3. distils the analog student (``afm.training.distill``, checkpoints, exact resume): from
-   the cached targets when the training rows hold them (the loaded model is converted
-   into the student, no teacher copy), else from the live teacher;
-4. saves it with its tokenizer (loads with ``from_pretrained`` after ``import afm``);
-5. for models with bundled tasks (``tiny``) prints the before/after table under noise.
+1. checks everything it will read or write (:mod:`afm.training.preflight`) before it
+   writes anything: a failed start leaves no trace;
+2. locks the output directory (a second run on it is refused; a stale lock of a
+   killed run is taken over) and writes ``run_config.json`` / ``.yaml`` atomically;
+3. samples the synthetic corpus into ``<output>/data`` (resumable) from the digital
+   teacher, with the sparse teacher targets of ``data.targets``, and/or packs the
+   user's corpus (``corpus.*``) into ``<output>/corpus``;
+4. distils the analog student (``afm.training.distill``: checkpoints, exact resume from
+   the newest intact one): from the cached targets when the training rows hold them
+   (the loaded model is converted into the student, no teacher copy), else from the
+   live teacher;
+5. saves it with its tokenizer (loads with ``from_pretrained`` after ``import afm``);
+6. for models with bundled tasks (``tiny``) prints the before/after table under noise.
+
+Rerunning a finished run does nothing, unless its evaluation settings (``eval.*``)
+changed: then the saved student is evaluated again and the new table replaces the old.
+A raised ``train.max_steps`` extends a finished run from its last checkpoint.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,19 +35,35 @@ import torch
 
 from afm.analog.layers import analog_layers
 from afm.analog.select import output_head_names
-from afm.models import load_model, load_tokenizer, resolve_model
+from afm.models import load_model, resolve_model
 from afm.training.batches import BatchOrder
-from afm.training.corpus import check_corpus, load_corpus, mix_rows, prepare_corpus
-from afm.training.data import DataError, generate_synthetic_data
+from afm.training.corpus import load_corpus, mix_rows, prepare_corpus
+from afm.training.data import generate_synthetic_data
 from afm.training.distill import DistillResult, distill, make_student, save_student
 from afm.training.engines import make_accelerator
+from afm.training.files import (
+    OutputInUseError,
+    RunLock,
+    remove_orphans,
+    write_json_atomic,
+    write_text_atomic,
+)
+from afm.training.preflight import (
+    SUMMARY,
+    check_inputs,
+    check_output_dir,
+    finished_summary,
+    load_teacher,
+    pad_id_of,
+    same_evaluation,
+)
 from afm.training.progress import resolve_progress
 from afm.training.report import before_after, format_table, has_bundled_tasks
-from afm.training.run_config import ConfigError, RunConfig
+from afm.training.run_config import RunConfig
 from afm.training.shards import load_synthetic_data
 from afm.training.teacher_targets import resolve_target_form, stored_forms, tokens_only
 
-__all__ = ["RunOutcome", "check_output_dir", "run_training"]
+__all__ = ["RunOutcome", "run_training"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,95 +77,40 @@ class RunOutcome:
     already_finished: bool = False
     main_process: bool = True
     """False on the other ranks of a distributed run (they report nothing)."""
+    reevaluated: bool = False
+    """A finished run evaluated again because its ``eval.*`` settings changed."""
 
 
-def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = []
-        for k in sorted(set(a) | set(b)):
-            out += _diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")
-        return out
-    return [] if a == b else [prefix.rstrip(".")]
+@contextlib.contextmanager
+def _locked(acc: Any, out: Path) -> Iterator[None]:
+    """The output directory's lock, taken by the main process for all ranks."""
+    lock = RunLock(out, "afm-train") if acc.is_main_process else None
+    error = None
+    if lock is not None:
+        try:
+            lock.acquire()
+        except OutputInUseError as err:
+            error = str(err)
+    if acc.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
 
-
-def _check_max_steps(old: dict[str, Any], cfg: RunConfig, out: Path) -> None:
-    """``train.max_steps`` may be raised (the run is extended), never lowered."""
-    before = (old.get("train") or {}).get("max_steps")
-    now = cfg.train.max_steps
-    if before == now:
-        return
-    if before is None or now is None or now < before:
-        raise ConfigError(
-            f"output directory {str(out)!r} holds a run with train.max_steps={before}; "
-            f"train.max_steps={now} can only raise it (extend the run) — choose another "
-            "--output for a different run"
-        )
-
-
-def check_output_dir(cfg: RunConfig) -> bool:
-    """Raise if ``cfg.output`` holds another run; True if it holds this one (resume)."""
-    out = Path(cfg.output)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"output {str(out)!r} exists and is not a directory")
-    if not out.exists() or not any(out.iterdir()):
-        return False
-    saved = out / "run_config.json"
-    if not saved.exists():
-        raise ConfigError(
-            f"output directory {str(out)!r} is not empty and holds no afm-train run; "
-            "choose another --output"
-        )
+        error = broadcast_object_list([error])[0]
+    if error is not None:
+        raise OutputInUseError(error)
     try:
-        old = json.loads(saved.read_text())
-    except (OSError, json.JSONDecodeError):
-        raise ConfigError(f"{str(saved)!r} is unreadable; choose another --output") from None
-    ident_new = json.loads(json.dumps(cfg.identity()))
-    ident_old = {k: v for k, v in old.items() if k in ident_new}
-    ident_old.setdefault("corpus", ident_new["corpus"] if not cfg.corpus.enabled else None)
-    for sec in ("train", "data", "corpus"):
-        if isinstance(ident_old.get(sec), dict):
-            ident_old[sec] = {k: v for k, v in ident_old[sec].items() if k in ident_new[sec]}
-    diff = _diff_keys(ident_old, ident_new)
-    if diff:
-        raise ConfigError(
-            f"output directory {str(out)!r} holds a different run (differs in "
-            f"{', '.join(diff[:5])}); choose another --output or delete it"
-        )
-    _check_max_steps(old, cfg, out)
-    return True
-
-
-def _finished(out: Path, cfg: RunConfig) -> dict[str, Any] | None:
-    """The summary of a finished run that ``cfg`` does not extend, else None."""
-    path = out / "train_summary.json"
-    if not path.exists():
-        return None
-    summary = json.loads(path.read_text())
-    if cfg.train.max_steps is not None and summary.get("steps", 0) < cfg.train.max_steps:
-        logger.info(
-            "extending the finished run from %s to %d steps",
-            summary.get("steps"),
-            cfg.train.max_steps,
-        )
-        return None
-    return summary
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def _write_config(cfg: RunConfig) -> None:
     import yaml
 
     out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
     d = cfg.to_dict()
-    (out / "run_config.json").write_text(json.dumps(d, indent=2))
-    (out / "run_config.yaml").write_text(yaml.safe_dump(d, sort_keys=False))
-
-
-def _pad_id(tokenizer: Any) -> int:
-    pad_id = tokenizer.pad_token_id
-    if pad_id is None:
-        pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    return pad_id
+    write_json_atomic(out / "run_config.json", d)
+    write_text_atomic(out / "run_config.yaml", yaml.safe_dump(d, sort_keys=False))
 
 
 def _corpus(cfg: RunConfig, acc: Any, tokenizer: Any) -> Any:
@@ -166,6 +135,7 @@ def _data(
         return corpus
     data_dir = cfg.resolved_data_dir
     if cfg.generate:
+        logger.info("sampling synthetic data into %s", data_dir)
         stats = generate_synthetic_data(
             teacher,
             tokenizer,
@@ -187,8 +157,6 @@ def _data(
                 ", resumed" if resuming else "",
             )
     dataset = load_synthetic_data(data_dir)
-    if len(dataset) == 0:
-        raise DataError(f"data directory {str(data_dir)!r} is empty")
     if corpus is None:
         return dataset
     if stored_forms(dataset):
@@ -209,6 +177,7 @@ def _evaluate(cfg: RunConfig, teacher, student, tokenizer, dataset, pad_id: int)
     if not has_bundled_tasks(resolve_model(cfg.model)):
         logger.warning("%s has no bundled tasks; skipping the before/after table", cfg.model)
         return None, None
+    logger.info("evaluating teacher and student on the bundled tasks")
     order = BatchOrder(dataset, cfg.train.per_device_batch_size, 1, 1, cfg.train.seed)
     calib = [order.collate(i, pad_id) for i in order.calibration(cfg.eval.calibration_batches)]
     placement = cfg.student_placement()
@@ -230,6 +199,18 @@ def _evaluate(cfg: RunConfig, teacher, student, tokenizer, dataset, pad_id: int)
     return evaluation, format_table(evaluation)
 
 
+def _write_evaluation(cfg: RunConfig, teacher, student, tokenizer, dataset) -> str | None:  # noqa: ANN001
+    """Evaluate (main process), write ``eval.json``; the table, or None without tasks."""
+    if not cfg.eval.enabled:
+        return None
+    if teacher is None:  # trained from cached targets: the table compares with the FP teacher
+        teacher, _ = load_teacher(cfg)
+    evaluation, table = _evaluate(cfg, teacher, student, tokenizer, dataset, pad_id_of(tokenizer))
+    if evaluation is not None:
+        write_json_atomic(Path(cfg.output) / "eval.json", evaluation)
+    return table
+
+
 def _summary(result: DistillResult, t_start: float, train_s: float, table: str | None) -> dict:
     return {
         "steps": result.steps,
@@ -242,35 +223,28 @@ def _summary(result: DistillResult, t_start: float, train_s: float, table: str |
     }
 
 
-def run_training(cfg: RunConfig, *, progress: bool | str = True) -> RunOutcome:
-    """Run (or resume, or extend) the ``afm-train`` pipeline of ``cfg`` (module docstring).
-
-    ``progress``: ``"auto"`` (True: a bar on a TTY, a log line every
-    ``train.logging_steps`` elsewhere), ``"bar"``, ``"log"`` or ``"none"`` (False)."""
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
-    t_start = time.perf_counter()
-    resuming = check_output_dir(cfg)
+def _reevaluate(cfg: RunConfig, acc: Any, teacher, tokenizer, summary: dict) -> RunOutcome:  # noqa: ANN001
+    """Evaluate a finished run's saved student with the new ``eval.*`` settings."""
     out = Path(cfg.output)
-    summary = _finished(out, cfg)
-    if summary is not None:
-        return RunOutcome(out, summary, already_finished=True)
-    if cfg.uses_synthetic_data and not cfg.generate:
-        load_synthetic_data(cfg.resolved_data_dir)  # DataError when missing / incomplete
-    tokenizer = load_tokenizer(cfg.model)
-    if cfg.corpus.enabled:
-        check_corpus(cfg.corpus, tokenizer)  # a bad path or column fails before any write
-        if cfg.train.kd_targets not in ("auto", "live"):
-            raise DataError(
-                f"train.kd_targets={cfg.train.kd_targets!r} with corpus.path: corpus rows hold "
-                "no cached teacher targets; use train.kd_targets=auto or live"
-            )
-    acc = make_accelerator(cfg.train, out / "trackers")
-    teacher = load_model(cfg.model, dtype=torch.float32)
-    pad_id = _pad_id(tokenizer)
     if acc.is_main_process:
+        logger.info("%s holds a finished run; evaluating it with the new eval settings", out)
+        student = load_model(out, dtype=torch.float32)
+        if cfg.uses_synthetic_data:
+            dataset = load_synthetic_data(cfg.resolved_data_dir)
+        else:
+            dataset = load_corpus(cfg.corpus_dir)
+        table = _write_evaluation(cfg, teacher, student, tokenizer, dataset)
+        summary = {**summary, "table": table}
         _write_config(cfg)
+        write_json_atomic(out / SUMMARY, summary)
     acc.wait_for_everyone()
+    return RunOutcome(out, summary, True, acc.is_main_process, reevaluated=True)
+
+
+def _train(
+    cfg: RunConfig, acc: Any, teacher, tokenizer, resuming: bool, progress: bool | str, t_start
+):  # noqa: ANN001
+    out = Path(cfg.output)
     teacher.to(acc.device)
     dataset = _data(cfg, acc, teacher, tokenizer, resuming, progress)
     cached = resolve_target_form(dataset, cfg.train.kd_targets)
@@ -285,6 +259,7 @@ def run_training(cfg: RunConfig, *, progress: bool | str = True) -> RunOutcome:
             copy_teacher=cached is None,
             convert_lm_head=cfg.head_is_analog(),
         )
+    logger.info("distilling the teacher into an analog student (chip %s)", cfg.eval_chip_name)
     if cached is not None:
         logger.info("training on the cached %r teacher targets: no live teacher", cached)
         teacher = None
@@ -294,26 +269,64 @@ def run_training(cfg: RunConfig, *, progress: bool | str = True) -> RunOutcome:
         dataset,
         cfg.train,
         out,
-        pad_id=pad_id,
+        pad_id=pad_id_of(tokenizer),
         accelerator=acc,
         resume=True,
         progress=progress,
     )
     student = result.model  # whole on the main process, also under FSDP / ZeRO-3
     if acc.is_main_process:
+        logger.info("saving the analog model to %s", out)
         save_student(student, out)
         tokenizer.save_pretrained(out)
     acc.wait_for_everyone()
     train_s = time.perf_counter() - t_start
     table = None
-    if acc.is_main_process and cfg.eval.enabled:
-        if teacher is None:  # the before/after table compares with the FP teacher
-            teacher = load_model(cfg.model, dtype=torch.float32).to(acc.device)
-        evaluation, table = _evaluate(cfg, teacher, student, tokenizer, dataset, pad_id)
-        if evaluation is not None:
-            (out / "eval.json").write_text(json.dumps(evaluation, indent=2))
+    if acc.is_main_process:
+        table = _write_evaluation(cfg, teacher, student, tokenizer, dataset)
     summary = _summary(result, t_start, train_s, table)
     if acc.is_main_process:
-        (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        write_json_atomic(out / SUMMARY, summary)
     acc.wait_for_everyone()
     return RunOutcome(out, summary, main_process=acc.is_main_process)
+
+
+def _nothing_to_do(cfg: RunConfig) -> bool:
+    """A finished run needs no evaluation: the same ``eval.*`` settings, or none asked."""
+    return not cfg.eval.enabled or same_evaluation(cfg)
+
+
+def _finished(cfg: RunConfig, summary: dict[str, Any]) -> RunOutcome:
+    if not cfg.eval.enabled:  # no table was asked for: do not show the old one
+        summary = {**summary, "table": None}
+    return RunOutcome(Path(cfg.output), summary, already_finished=True)
+
+
+def run_training(cfg: RunConfig, *, progress: bool | str = True) -> RunOutcome:
+    """Run (or resume, or extend) the ``afm-train`` pipeline of ``cfg`` (module docstring).
+
+    ``progress``: ``"auto"`` (True: a bar on a TTY, a log line every
+    ``train.logging_steps`` elsewhere), ``"bar"``, ``"log"`` or ``"none"`` (False)."""
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    t_start, out = time.perf_counter(), Path(cfg.output)
+    check_output_dir(cfg)
+    summary = finished_summary(cfg)
+    if summary is not None and _nothing_to_do(cfg):
+        return _finished(cfg, summary)
+    acc = make_accelerator(cfg.train, out / "trackers")
+    teacher, tokenizer = load_teacher(cfg)
+    if summary is None:
+        check_inputs(cfg, acc.num_processes, teacher, tokenizer)
+    with _locked(acc, out):
+        resuming = check_output_dir(cfg)  # again: another run may have started meanwhile
+        summary = finished_summary(cfg)
+        if summary is not None:
+            if _nothing_to_do(cfg):
+                return _finished(cfg, summary)
+            return _reevaluate(cfg, acc, teacher, tokenizer, summary)
+        if acc.is_main_process:
+            remove_orphans(out, (".run_config.", f".{SUMMARY}.", ".eval.json."))
+            _write_config(cfg)
+        acc.wait_for_everyone()
+        return _train(cfg, acc, teacher, tokenizer, resuming, progress, t_start)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,8 @@ from afm.analog.noise import get_noise_model
 from afm.config import AnalogConfig, set_by_path
 from afm.presets import analog_head_of, eval_noise_of, get_preset
 from afm.training.data_config import CorpusConfig, SyntheticDataConfig
-from afm.training.distill_config import DistillConfig
-from afm.validation import check_int, check_real, fail
+from afm.training.distill_config import NOT_IN_FINGERPRINT, DistillConfig
+from afm.validation import check_bool, check_int, check_real, fail
 
 logger = logging.getLogger(__name__)
 
@@ -64,19 +65,21 @@ class EvalConfig:
     """Noise scales of an extra robustness curve (empty: none)."""
 
     def __post_init__(self) -> None:
+        for name in ("enabled", "facts"):
+            check_bool("eval", name, getattr(self, name))
+        for name in ("preset", "noise"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                fail("eval", name, getattr(self, name), "must be a name or None")
         check_int("eval", "seeds", self.seeds, minimum=1)
         check_int("eval", "n_per_kind", self.n_per_kind, minimum=1)
+        check_int("eval", "calibration_batches", self.calibration_batches, minimum=1)
         if self.noise_scale is not None:
             check_real("eval", "noise_scale", self.noise_scale)
         if not isinstance(self.curve_scales, list) or not all(
-            isinstance(x, (int, float)) and x >= 0 for x in self.curve_scales
+            not isinstance(x, bool) and isinstance(x, (int, float)) and math.isfinite(x) and x >= 0
+            for x in self.curve_scales
         ):
-            fail(
-                "eval",
-                "curve_scales",
-                self.curve_scales,
-                "must be a list of numbers >= 0",
-            )
+            fail("eval", "curve_scales", self.curve_scales, "must be a list of finite numbers >= 0")
 
 
 @dataclass(frozen=True)
@@ -190,7 +193,7 @@ class RunConfig:
         d.pop("output")
         d.pop("num_threads")
         d.pop("eval")
-        for k in ("save_steps", "save_total_limit", "logging_steps", "report_to", "max_steps"):
+        for k in NOT_IN_FINGERPRINT:
             d["train"].pop(k)  # max_steps may be raised: run.check_output_dir
         d["data"].pop("backend")
         d["corpus"].pop("streaming")
@@ -295,11 +298,31 @@ def _dotted(key: str, value: Any) -> dict[str, Any]:
     raise ConfigError(f"--set {key!r}: keys have at most two parts (e.g. train.lr)")
 
 
+def _as_whole_number(value: Any) -> Any:
+    """``1e6`` (YAML reads it as the string "1e6") or ``1000000.0`` → 1000000; anything
+    else unchanged, for the field's validator to judge."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 def coerce_fields(cls: type, values: dict[str, Any]) -> dict[str, Any]:
-    """YAML gives ints for floats like ``1`` and lists for tuples: normalise per field type."""
+    """YAML gives ints for floats like ``1``, strings for ``1e-4`` and ``1e6``, and lists
+    for tuples: normalise per field type (int fields take whole numbers written as
+    floats, so ``data.num_tokens=1e6`` works)."""
     out = dict(values)
     for f in dataclasses.fields(cls):
-        if f.name in out and "float" in str(f.type) and isinstance(out[f.name], int):
+        kind = str(f.type)
+        if f.name in out and "int" in kind and "float" not in kind:
+            if not isinstance(out[f.name], bool):
+                whole = _as_whole_number(out[f.name])
+                out[f.name] = whole if isinstance(whole, int) else out[f.name]
+        if f.name in out and "float" in kind and isinstance(out[f.name], int):
             if not isinstance(out[f.name], bool):
                 out[f.name] = float(out[f.name])
         if (

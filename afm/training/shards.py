@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from afm.training.data_config import DataError, SyntheticDataConfig
+from afm.training.files import read_json, tmp_name
 
 __all__ = [
     "META",
@@ -65,21 +66,43 @@ def complete_shards(out: Path) -> set[int]:
     return done
 
 
-def check_meta(out: Path, cfg: SyntheticDataConfig, model_name: str | None) -> None:
+def _ours(entry: Path) -> bool:
+    """An entry a synthetic-data writer makes (shards, meta, stats, their temporaries)."""
+    name = entry.name.lstrip(".")
+    return name.startswith(("shard-", META, STATS))
+
+
+def check_meta(
+    out: Path, cfg: SyntheticDataConfig, model_name: str | None, *, write: bool = True
+) -> None:
+    """Refuse ``out`` if it holds data of another recipe or model, or files that are not
+    synthetic data; with ``write``, record this recipe (``meta.json``) in a new one."""
     meta_path = out / META
     meta = {"recipe": cfg.recipe(), "model": model_name, "format": 1}
     if meta_path.exists():
-        old = json.loads(meta_path.read_text())
-        if old.get("recipe") != meta["recipe"] or old.get("model") != model_name:
+        old = read_json(meta_path, "synthetic-data recipe")
+        if not isinstance(old, dict) or (
+            old.get("recipe") != meta["recipe"] or old.get("model") != model_name
+        ):
+            found = old.get("model") if isinstance(old, dict) else None
             raise DataError(
                 f"{out} holds synthetic data made with a different recipe or model "
-                f"({old.get('model')!r}); use another directory or delete it"
+                f"({found!r}); use another directory or delete it"
             )
         return
+    if out.is_dir():
+        foreign = sorted(e.name for e in out.iterdir() if not _ours(e))
+        if foreign:
+            raise DataError(
+                f"{str(out)!r} is not empty and holds no synthetic data (e.g. "
+                f"{foreign[0]!r}); choose a new or empty directory"
+            )
+    if not write:
+        return
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".{META}.tmp-{os.getpid()}"
+    tmp = tmp_name(meta_path)
     tmp.write_text(json.dumps(meta, indent=2))
-    try:
+    try:  # two workers may race here: the first one's file stays
         os.replace(tmp, meta_path) if not meta_path.exists() else tmp.unlink()
     except OSError:
         tmp.unlink(missing_ok=True)
@@ -193,12 +216,16 @@ def load_rows(data_dir: str | Path) -> Any:
     if not d.is_dir():
         raise DataError(f"data directory {str(d)!r} does not exist")
     shards = sorted(complete_shards(d))
+    ds = None
     if shards and _index_is_current(d, shards):
-        ds = load_from_disk(str(d))
-    elif shards:
-        parts = [load_from_disk(str(d / shard_name(i))) for i in shards]
+        try:
+            ds = load_from_disk(str(d))
+        except Exception:  # noqa: BLE001 - a damaged shard: found and named one by one below
+            ds = None
+    if shards and ds is None:
+        parts = [_load_shard(d / shard_name(i), load_from_disk) for i in shards]
         ds = parts[0] if len(parts) == 1 else concatenate_datasets(parts)
-    elif (d / _STATE).is_file() or (d / "dataset_dict.json").is_file():
+    elif not shards and ((d / _STATE).is_file() or (d / "dataset_dict.json").is_file()):
         ds = load_from_disk(str(d))
         if hasattr(ds, "keys"):  # a DatasetDict
             if "train" not in ds:
@@ -207,7 +234,7 @@ def load_rows(data_dir: str | Path) -> Any:
                     f"(splits: {', '.join(ds.keys())})"
                 )
             ds = ds["train"]
-    else:
+    elif ds is None:
         raise DataError(
             f"data directory {str(d)!r} holds no shards (expected shard-00000/ ... or a "
             "datasets.save_to_disk directory)"
@@ -234,10 +261,10 @@ def load_synthetic_data(data_dir: str | Path, *, require_complete: bool = True) 
     d = Path(data_dir)
     shards = sorted(complete_shards(d)) if d.is_dir() else []
     if require_complete and (d / META).exists():
-        recipe = json.loads((d / META).read_text()).get("recipe", {})
+        meta = read_json(d / META, "synthetic-data recipe")
         try:
-            expected = SyntheticDataConfig(**recipe).num_shards
-        except (TypeError, ValueError):
+            expected = SyntheticDataConfig(**meta.get("recipe", {})).num_shards
+        except (AttributeError, TypeError, ValueError):
             expected = None
         if expected is not None and len(shards) < expected:
             raise DataError(
@@ -245,3 +272,26 @@ def load_synthetic_data(data_dir: str | Path, *, require_complete: bool = True) 
                 "run afm-generate again to finish it"
             )
     return load_rows(d)
+
+
+def _load_shard(path: Path, load_from_disk: Any) -> Any:
+    """One shard, or a :class:`DataError` naming it (damaged, empty, wrong column)."""
+    state = path / "state.json"
+    if state.exists() and read_json(state, "shard file").get("_data_files") == []:
+        raise DataError(
+            f"shard {str(path)!r} holds no sequences; delete it and run again to sample it"
+        )
+    try:
+        ds = load_from_disk(str(path))
+    except Exception as err:  # noqa: BLE001 - datasets / pyarrow raise many kinds
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(
+            f"shard {str(path)!r} is damaged ({first}); delete it and run again to sample it anew"
+        ) from None
+    if "input_ids" not in ds.column_names:
+        raise DataError(f"shard {str(path)!r} has no 'input_ids' column")
+    if len(ds) == 0:
+        raise DataError(
+            f"shard {str(path)!r} holds no sequences; delete it and run again to sample it"
+        )
+    return ds

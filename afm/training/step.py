@@ -4,7 +4,9 @@ The KD targets come from the live teacher, or, when ``targets`` is set, from the
 teacher targets cached in the shards (no teacher forward, no teacher in memory).
 
 A step whose loss or gradient is not finite on any rank is skipped on every rank
-at once (no update, gradients dropped), so all ranks keep the same weights.
+at once (no update, gradients dropped), so all ranks keep the same weights.  An update
+that made a weight or an input range non-finite on any rank is rolled back on every
+rank (or, with no copy to undo it, stops training: :mod:`afm.training.guard`).
 """
 
 from __future__ import annotations
@@ -18,22 +20,33 @@ from torch import nn
 
 from afm.training.batches import BatchOrder
 from afm.training.distill_config import DistillConfig
+from afm.training.guard import TrainingStopped, UpdateGuard
 from afm.training.kd_loss import KDLossOutput, causal_lm_labels, kd_loss
 from afm.training.sparse_kd import sparse_kd_loss
 from afm.training.teacher_targets import CachedTargets
 
-__all__ = ["StepOutcome", "Stepper"]
+__all__ = ["SKIP_REASONS", "StepOutcome", "Stepper"]
+
+#: Why a step was skipped (``StepOutcome.reason``).
+SKIP_REASONS = {
+    "loss": "non-finite loss",
+    "gradient": "non-finite gradient",
+    "overflow": "fp16 overflow (the loss scaler skipped the update)",
+    "update": "the update made weights or input ranges non-finite (rolled back)",
+}
 
 
 @dataclass
 class StepOutcome:
-    """What one step did: whether it was skipped, its mean losses, tokens it saw."""
+    """What one step did: whether (and why) it was skipped, its mean losses, tokens."""
 
     skipped: bool
     sums: torch.Tensor
     """``[loss, kl, lm]`` averaged over micro-batches (zeros when skipped)."""
     tokens: int
     """Tokens of the global batch (all ranks)."""
+    reason: str | None = None
+    """A key of :data:`SKIP_REASONS` when skipped."""
 
 
 @dataclass
@@ -48,12 +61,13 @@ class Stepper:
     config: DistillConfig
     pad_id: int
     clip_after_step: Callable[[], None] | None
+    guard: UpdateGuard
     targets: CachedTargets | None = None
     """Cached sparse teacher targets; None: the live ``teacher``."""
 
     def run(self, step: int) -> StepOutcome:
         acc, cfg = self.accelerator, self.config
-        bad = False
+        reason: str | None = None
         sums = torch.zeros(3, device=acc.device)  # loss, kl, lm
         tokens = 0
         for micro in range(cfg.grad_accum_steps):
@@ -61,12 +75,21 @@ class Stepper:
             batch = self.order.collate(idx, self.pad_id)
             tokens += int(batch["attention_mask"].sum()) * acc.num_processes
             with acc.accumulate(self.model):
-                micro_bad, micro_sums = self._micro_step(idx, batch, skip=bad)
-                bad = bad or micro_bad
+                micro_bad, micro_sums = self._micro_step(idx, batch, skip=reason is not None)
+                if micro_bad and reason is None:
+                    reason = "loss"
                 sums += micro_sums
                 if acc.sync_gradients:
-                    bad = self._update(bad)
-        return StepOutcome(bad, sums, tokens)
+                    reason = self._update(reason, step)
+        return StepOutcome(reason is not None, sums, tokens, reason)
+
+    def _any_rank(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is True on any rank."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return flag
+        t = torch.tensor([float(flag)], device=acc.device)
+        return bool(acc.reduce(t, reduction="sum").item() > 0)
 
     def _micro_step(
         self, idx: torch.Tensor, batch: dict[str, torch.Tensor], *, skip: bool
@@ -129,18 +152,37 @@ class Stepper:
             inplace_backward=True,
         )
 
-    def _update(self, bad: bool) -> bool:
-        """Clip the gradient norm, step (or drop the gradients), clip the weights."""
+    def _update(self, reason: str | None, step: int) -> str | None:
+        """Check the gradients, clip their norm, step (or drop them), clip the weights,
+        check the weights (rolling the update back if it broke them)."""
         acc, cfg = self.accelerator, self.config
-        if not bad and cfg.max_grad_norm is not None:
+        fp16 = acc.mixed_precision == "fp16"  # fp16: the loss scaler skips overflows itself
+        if reason is None and not fp16 and self._any_rank(not self.guard.grads_finite()):
+            reason = "gradient"
+        if reason is None and cfg.max_grad_norm is not None:
             grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
             if grad_norm is not None and not torch.isfinite(torch.as_tensor(grad_norm)):
-                bad = acc.mixed_precision != "fp16"  # fp16: the scaler skips the step itself
-        if not bad:
+                reason = None if fp16 else "gradient"
+        if reason is None:
+            self.guard.snapshot()
             self.optimizer.step()
             if acc.optimizer_step_was_skipped:
-                bad = True
-            elif self.clip_after_step is not None:
-                self.clip_after_step()
+                reason = "overflow"
+            else:
+                if self.clip_after_step is not None:
+                    self.clip_after_step()
+                if self._any_rank(not self.guard.params_finite()):
+                    reason = self._undo(step)
         self.optimizer.zero_grad(set_to_none=True)
-        return bad
+        return reason
+
+    def _undo(self, step: int) -> str:
+        """Roll back the update of step ``step`` (0-based), or stop when it cannot be."""
+        if not self.guard.rollback:
+            raise TrainingStopped(
+                f"step {step + 1}: the update made {self.guard.first_nonfinite()} non-finite "
+                "and train.nonfinite_guard='stop' keeps no copy to undo it; training "
+                "stopped, nothing saved after the last checkpoint (lower train.lr)"
+            )
+        self.guard.restore()
+        return "update"

@@ -159,7 +159,7 @@ def test_vllm_backend_is_refused_without_vllm_and_gpu(teacher, tmp_path):
         pass
     model, tok = teacher
     cfg = SyntheticDataConfig(**{**CFG.recipe(), "backend": "vllm"})
-    with pytest.raises(RuntimeError, match="vLLM"):
+    with pytest.raises(DataError, match="vLLM"):  # bad input: one line from the CLIs
         generate_synthetic_data(model, tok, tmp_path, cfg, progress=False)
 
 
