@@ -13,7 +13,7 @@ synthetic shards), ``checkpoints/``, ``log.jsonl`` and ``eval.json``.
 
 Running the same command again resumes an interrupted run (from the newest intact
 checkpoint) and does nothing for a finished one, unless ``eval.*`` changed: then the
-saved student is evaluated again; with a raised ``--set train.max_steps=N`` it
+saved student is evaluated again; with a raised ``train.max_steps`` it
 extends a finished run from its last checkpoint.  A directory that holds a different
 run, or is in use by a running afm-train, is refused.  Everything is checked before
 anything is written: bad input is one line ``afm-train: error: ...`` and exit status

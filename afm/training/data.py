@@ -50,7 +50,7 @@ from afm.validation import check_device, check_output_path, check_safetensors_fi
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["generate_for_model", "generate_synthetic_data", "read_prompts"]
+__all__ = ["generate_for_model", "generate_synthetic_data", "read_prompts", "sampling_backend"]
 
 
 def _dist_info() -> tuple[int, int]:
@@ -216,7 +216,7 @@ def _vllm_top_k(step: dict[int, Any], k: int) -> dict[str, np.ndarray]:
     }
 
 
-def _resolve_backend(cfg: SyntheticDataConfig) -> str:
+def sampling_backend(cfg: SyntheticDataConfig) -> str:
     """``data_checks.resolve_backend``, and transformers where the targets need draws
     from the full distribution (vLLM returns top-k logprobs only)."""
     sampled = "sampled" in cfg.target_forms
@@ -358,7 +358,7 @@ def generate_synthetic_data(
     world_size = w0 if world_size is None else world_size
     check_seq_len(config, model.config, model_name or str(model.name_or_path))
     prompts = read_prompts(config.prompts_file, tokenizer) if config.prompts_file else None
-    backend = _resolve_backend(config)
+    backend = sampling_backend(config)
     check_meta(out, config, model_name)  # the first write
     todo = [
         i

@@ -25,8 +25,8 @@ from afm.analog.convert import revert
 from afm.analog.layers import analog_layers
 from afm.models import load_model, load_tokenizer, resolve_model
 from afm.training.corpus import check_corpus
-from afm.training.data import read_prompts
-from afm.training.data_checks import check_seq_len, check_token_ids, resolve_backend
+from afm.training.data import read_prompts, sampling_backend
+from afm.training.data_checks import check_seq_len, check_token_ids
 from afm.training.data_config import DataError
 from afm.training.files import is_temporary, lock_name, read_json
 from afm.training.run_config import ConfigError, RunConfig
@@ -191,7 +191,7 @@ def check_inputs(cfg: RunConfig, world: int, teacher: torch.nn.Module, tokenizer
     data_dir = cfg.resolved_data_dir
     missing_shards = not cfg.generate or len(complete_shards(data_dir)) < cfg.data.num_shards
     if cfg.generate and missing_shards:
-        resolve_backend(cfg.data)
+        sampling_backend(cfg.data)  # vLLM present; the targets' needs
         if cfg.data.prompts_file:
             read_prompts(cfg.data.prompts_file, tokenizer)
         check_seq_len(cfg.data, teacher.config, cfg.model)

@@ -99,7 +99,8 @@ def test_a_damaged_newest_checkpoint_resumes_from_the_newest_intact_one(
     assert "resuming from" in caplog.text and "checkpoint-0000002, the newest intact" in caplog.text
     _assert_same(straight, resumed)
     assert _steps_logged(out) == [1, 2, 3, 4, 5, 6]  # cut back to step 2, no duplicates
-    assert [p.name for p in list_checkpoints(out / "checkpoints")][-1] == "checkpoint-0000004"
+    # the resumed run saved its own checkpoints, the last step's included
+    assert [p.name for p in list_checkpoints(out / "checkpoints")][-1] == "checkpoint-0000006"
 
 
 def test_every_checkpoint_damaged_starts_over_on_the_same_trajectory(setup, straight, tmp_path):

@@ -165,9 +165,9 @@ def test_vllm_backend_stores_its_top_k_logprobs(monkeypatch):
     assert seqs == [[1, 7, 8, 3]]
     np.testing.assert_array_equal(targets[0]["top_k_ids"], [[7, 4], [8, 4], [3, 4], [5, 4]])
     with pytest.raises(DataError, match="needs data.backend='hf'"):
-        data_mod._resolve_backend(SyntheticDataConfig(targets="sampled", backend="vllm"))
-    monkeypatch.setattr(data_mod, "_available_backend", lambda cfg: "vllm")
-    assert data_mod._resolve_backend(SyntheticDataConfig(targets="both")) == "hf"  # auto
+        data_mod.sampling_backend(SyntheticDataConfig(targets="sampled", backend="vllm"))
+    monkeypatch.setattr(data_mod, "resolve_backend", lambda cfg: "vllm")
+    assert data_mod.sampling_backend(SyntheticDataConfig(targets="both")) == "hf"  # auto
 
 
 def test_distill_without_a_teacher(teacher, with_targets, tmp_path):
