@@ -15,6 +15,7 @@ anything else falls back to the torch chains.  Imported lazily by
 
 from __future__ import annotations
 
+import ctypes
 import threading
 
 import numpy as np
@@ -33,6 +34,19 @@ __all__ = ["NumbaElementwise"]
 # numba's parallel loops measured ~5x slower here, launch overhead included.
 _JIT = {"nogil": True, "cache": True}
 _SCRATCH = threading.local()
+
+
+def _weight_view(t: Tensor) -> np.ndarray:
+    """A numpy view of a (C-contiguous fp32) weight that leaves its storage resizable:
+    ``Tensor.numpy()`` pins the storage, and FSDP frees and re-gathers the storage of
+    unsharded parameters between forwards ("Trying to resize storage that is not
+    resizable").  The view is used only while ``t`` is alive (inside one call)."""
+    if not t.is_contiguous() or t.dtype != torch.float32:
+        raise ValueError(f"expected a C-contiguous float32 tensor, got {t.dtype}")
+    if t.numel() == 0:
+        return np.empty(tuple(t.shape), np.float32)
+    buf = (ctypes.c_float * t.numel()).from_address(t.data_ptr())
+    return np.frombuffer(buf, dtype=np.float32).reshape(tuple(t.shape))
 
 
 def _scratch(tag: str, shape: torch.Size, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -226,7 +240,8 @@ class SparseADCGrad:
 
     def remove_from_input_grad_(self, grad_x: Tensor, weight: Tensor) -> None:
         cols = self.grad.shape[1]
-        _remove_rows_(grad_x.numpy(), weight.detach().numpy(), self.grad, self.flat, cols, True)
+        w = weight.detach().contiguous()
+        _remove_rows_(grad_x.numpy(), _weight_view(w), self.grad, self.flat, cols, True)
 
 
 _SEED_HIGH = 2**62
@@ -259,8 +274,9 @@ class NumbaElementwise:
             scale = a.amax(dim=1, keepdim=True).expand_as(a)
         scale = np.ascontiguousarray((std * scale.detach().float()).numpy())
         edges = np.array([lo for lo, _ in bounds] + [bounds[-1][1]], np.int64)
-        w = weight.detach().contiguous().numpy()
-        return torch.from_numpy(add_gaussian_noise(w, scale, edges, seed, torch.get_num_threads()))
+        w = weight.detach().contiguous()
+        noisy = add_gaussian_noise(_weight_view(w), scale, edges, seed, torch.get_num_threads())
+        return torch.from_numpy(noisy)
 
     @staticmethod
     def quantize_static_input(

@@ -124,3 +124,18 @@ def test_layer_noise_is_seeded_per_call_and_the_backward_sees_it():
     w_noisy = NB.noisy_weight(w.detach(), a, ref.tile_bounds(128, None),
                               cfg.weight_noise.kind, cfg.weight_noise.std, None, 5)  # fmt: skip
     torch.testing.assert_close(xg.grad, gy @ w_noisy, rtol=1e-4, atol=1e-5)
+
+
+def test_the_weight_storage_stays_resizable():
+    """FSDP frees and re-gathers an unsharded parameter's storage between forwards:
+    the numba noise must not pin it (``Tensor.numpy()`` would)."""
+    from afm.config import WeightNoiseKind
+    from afm.kernels.numba_chains import NumbaElementwise
+
+    w = torch.randn(8, 16)
+    a = w.abs().amax(dim=1).reshape(1, 8)
+    noisy = NumbaElementwise.noisy_weight(
+        w, a, [(0, 16)], WeightNoiseKind.ADD_GAUSS_PER_CHANNEL, 0.1, None, 7
+    )
+    assert noisy.shape == w.shape and not torch.equal(noisy, w)
+    w.untyped_storage().resize_(0)  # raises "not resizable" when the storage is pinned
