@@ -98,7 +98,7 @@ WORKER = textwrap.dedent(
         assert acc.is_fsdp2
     else:
         acc = Accelerator(cpu=True, mixed_precision=mixed)
-    student = make_student(teacher)
+    student = make_student(teacher, convert_lm_head=False)  # ZeRO-3 refuses an analog head
     res = distill(teacher, student, ds, dc, out, accelerator=acc, progress=False,
                   max_steps_this_run=this_run if this_run > 0 else None)
     if this_run > 0 and res.steps < 4:
