@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from afm.analog.layers import AnalogLinear
+from afm.analog.noise.apply import seeded_noise
 from afm.lora.model import freeze_base_
 from afm.seeds import derive_seed
 
@@ -166,9 +167,6 @@ def train_adapter(
     pad_id = _pad_id(tokenizer)
     data_gen = torch.Generator().manual_seed(derive_seed("afm-lora", seed, "data"))
     analog = {n: m for n, m in peft_model.named_modules() if isinstance(m, AnalogLinear)}
-    saved_gens = {n: m.noise_generator for n, m in analog.items()}
-    for n, m in analog.items():
-        m.noise_generator = torch.Generator().manual_seed(derive_seed("afm-lora", seed, n))
     base_params = (
         {n: p.detach().clone() for n, p in peft_model.named_parameters() if not p.requires_grad}
         if logger.isEnabledFor(logging.DEBUG)
@@ -190,32 +188,31 @@ def train_adapter(
         for m in analog.values():
             m.eval()
     t0 = time.perf_counter()
-    try:
-        bar = tqdm(range(steps), desc="training adapter", disable=not progress)
-        for step in bar:
-            idx = []
-            while len(idx) < batch_size:
-                if not order:
-                    order = torch.randperm(len(enc.ids), generator=data_gen).tolist()
-                idx.append(order.pop())
-            batch = {k: v.to(device) for k, v in collate_pairs(enc, idx, pad_id).items()}
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step)
-            loss = peft_model(**batch).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(params, grad_clip)
-            opt.step()
-            value = float(loss.detach())
-            result.losses.append(value)
-            if callback is not None:
-                callback(step, value)
-            bar.set_postfix(loss=f"{value:.4f}")
-    finally:
-        for n, m in analog.items():
-            m.noise_generator = saved_gens[n]
-        peft_model.eval()
+    with seeded_noise(peft_model, seed, "afm-lora"):  # one noise stream per layer
+        try:
+            bar = tqdm(range(steps), desc="training adapter", disable=not progress)
+            for step in bar:
+                idx = []
+                while len(idx) < batch_size:
+                    if not order:
+                        order = torch.randperm(len(enc.ids), generator=data_gen).tolist()
+                    idx.append(order.pop())
+                batch = {k: v.to(device) for k, v in collate_pairs(enc, idx, pad_id).items()}
+                for g in opt.param_groups:
+                    g["lr"] = lr_at(step)
+                loss = peft_model(**batch).loss
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(params, grad_clip)
+                opt.step()
+                value = float(loss.detach())
+                result.losses.append(value)
+                if callback is not None:
+                    callback(step, value)
+                bar.set_postfix(loss=f"{value:.4f}")
+        finally:
+            peft_model.eval()
     result.steps = steps
     result.seconds = time.perf_counter() - t0
     if base_params is not None:

@@ -33,10 +33,10 @@ import torch
 from torch import nn
 
 from afm.analog.layers import AnalogLinear
+from afm.analog.noise.apply import seeded_noise
 from afm.lora.layer import AnalogLoraLinear, PeftLoraLinear, PeftModel, analog_lora_layers
 from afm.lora.model import freeze_base_
 from afm.lora.trl_head import install_analog_head_logprobs
-from afm.seeds import derive_seed
 
 TRL_MIN_VERSION = "1.16"
 TRL_MAX_VERSION = "2"  # exclusive
@@ -182,21 +182,6 @@ class AnalogForwards:
             raise RuntimeError(f"no rollout ran through the analog layers ({c})")
         if c["train/grad"] + c["eval/grad"] == 0:
             raise RuntimeError(f"no training forward ran through the analog layers ({c})")
-
-
-@contextlib.contextmanager
-def seeded_noise(model: nn.Module, seed: int, purpose: str) -> Iterator[None]:
-    """Each analog layer draws its training noise from its own generator seeded by
-    ``(purpose, seed, layer name)``; the previous generators are restored after."""
-    analog = {n: m for n, m in model.named_modules() if isinstance(m, AnalogLinear)}
-    saved = {n: m.noise_generator for n, m in analog.items()}
-    for n, m in analog.items():
-        m.noise_generator = torch.Generator().manual_seed(derive_seed(purpose, seed, n))
-    try:
-        yield
-    finally:
-        for n, m in analog.items():
-            m.noise_generator = saved[n]
 
 
 def has_analog_head(model: nn.Module) -> bool:

@@ -9,6 +9,7 @@ from afm.analog.noise.apply import (
     apply_noise,
     apply_noise_,
     layer_seed,
+    seeded_noise,
     seeded_read_noise,
     select_noise_layers,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "noise_model_from_dict",
     "parse_duration",
     "pcm_sigma",
+    "seeded_noise",
     "seeded_read_noise",
     "select_noise_layers",
     "tile_bounds",

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from afm.analog.experts import AnalogExperts, expert_matrix, expert_projections
-from afm.analog.layers import AnalogLinear
+from afm.analog.layers import AnalogLinear, analog_layers
 from afm.analog.noise.models import NoiseModel
 from afm.analog.select import (
     check_patterns_match,
@@ -41,6 +41,7 @@ __all__ = [
     "apply_noise",
     "apply_noise_",
     "layer_seed",
+    "seeded_noise",
     "seeded_read_noise",
     "select_noise_layers",
 ]
@@ -290,6 +291,22 @@ def _seed_read_noise(
             gen = torch.Generator().manual_seed(derive_seed("afm-read-noise", seed, name))
             module.noise_generator = gen
     return previous
+
+
+@contextlib.contextmanager
+def seeded_noise(model: nn.Module, seed: int, purpose: str) -> Iterator[nn.Module]:
+    """Each analog layer (``analog_layers``: ``AnalogLinear`` and ``AnalogExperts``)
+    draws its noise from its own generator seeded by ``(purpose, seed, layer name)``;
+    the previous generators are put back on exit."""
+    layers = analog_layers(model)
+    saved = {m: m.noise_generator for m in layers.values()}
+    for name, module in layers.items():
+        module.noise_generator = torch.Generator().manual_seed(derive_seed(purpose, seed, name))
+    try:
+        yield model
+    finally:
+        for module, generator in saved.items():
+            module.noise_generator = generator
 
 
 @contextlib.contextmanager
