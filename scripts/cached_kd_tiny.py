@@ -1,73 +1,30 @@
 """Live KD vs cached sparse teacher targets on the tiny main job, in one scripted batch.
 
-1. Generation overhead and bytes per token: one shard of the tiny recipe sampled with
-   ``data.targets`` none / top_k / sampled / both, side by side (then none / both again).
-2. One shared corpus with both target forms; for each training seed, three students on
-   the main job's chip (tiny-stress): ``train.kd_targets`` = live, top_k, sampled.  Each
-   is evaluated under the chip's deployment noise (PCM ×3) with ``eval.seeds`` noise seeds.
+One shared corpus with both target forms; for each training seed, three students on
+the main job's chip (tiny-stress): ``train.kd_targets`` = live, top_k, sampled.  Each is
+evaluated under the chip's deployment noise (PCM ×3) with ``eval.seeds`` noise seeds.
 
     flock /tmp/afm-heavy.lock python scripts/cached_kd_tiny.py --out /tmp/cached-kd \\
-        --steps 150 --seeds 0 1 2
+        --steps 250 --seeds 0 1 2
 
-Prints the tables and writes ``<out>/results.json``.
+Prints the table and writes ``<out>/results.json``.  (What the targets cost the
+sampler: ``scripts/bench_generation.py``.)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
-from afm.models import load_model, load_tokenizer
-from afm.training.data import generate_synthetic_data
-from afm.training.data_config import SyntheticDataConfig
 from afm.training.run import run_training
-from afm.training.run_config import MODEL_DEFAULTS, build_run_config
-from afm.training.teacher_targets import TargetSpec
+from afm.training.run_config import build_run_config
 
 FORMS = ("live", "top_k", "sampled")
-
-
-def _dir_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*.arrow"))
-
-
-def generation_overhead(out: Path, sequences: int) -> list[dict]:
-    model, tok = load_model("tiny", dtype=torch.float32), load_tokenizer("tiny")
-    base = {**MODEL_DEFAULTS["tiny"]["data"], "sequences_per_shard": sequences}
-    base["num_tokens"] = sequences * base["seq_len"]
-    rows = []
-    for targets in ("none", "top_k", "sampled", "both", "none", "both"):
-        d = out / f"gen-{targets}-{len(rows)}"
-        shutil.rmtree(d, ignore_errors=True)
-        cfg = SyntheticDataConfig(**base, targets=targets)
-        t0 = time.perf_counter()
-        stats = generate_synthetic_data(model, tok, d, cfg, model_name="tiny", progress=False)
-        rows.append(
-            {
-                "targets": targets,
-                "seconds": time.perf_counter() - t0,
-                "tokens": stats["tokens"],
-                "arrow_bytes": _dir_bytes(d),
-                "spec_bytes_per_token": TargetSpec.from_config(cfg).bytes_per_token(),
-            }
-        )
-    plain = statistics.mean(r["seconds"] for r in rows if r["targets"] == "none")
-    plain_bytes = rows[0]["arrow_bytes"]
-    print(f"\ngeneration, {sequences} x {base['seq_len']} tokens, tiny teacher, 1 thread")
-    print(f"{'targets':<10}{'s':>8}{'x none':>8}{'B/token (arrow, extra)':>26}{'spec':>6}")
-    for r in rows:
-        extra = (r["arrow_bytes"] - plain_bytes) / r["tokens"]
-        print(
-            f"{r['targets']:<10}{r['seconds']:>8.1f}{r['seconds'] / plain:>8.3f}"
-            f"{extra:>26.1f}{r['spec_bytes_per_token']:>6}"
-        )
-    return rows
 
 
 def student_scores(run_dir: Path) -> dict:
@@ -81,15 +38,11 @@ def main() -> None:
     p.add_argument("--out", default="/tmp/cached-kd")
     p.add_argument("--steps", type=int, default=250)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--gen-sequences", type=int, default=128)
-    p.add_argument("--skip-generation-bench", action="store_true")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
     results: dict = {"steps": args.steps, "seeds": args.seeds, "runs": []}
-    if not args.skip_generation_bench:
-        results["generation"] = generation_overhead(out, args.gen_sequences)
     data_dir = out / "data"
     common = [
         f"data_dir={data_dir}",

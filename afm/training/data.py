@@ -135,6 +135,7 @@ def _hf_sample(
         else:
             out = _generate_with_last_target(model, ids.to(device), mask.to(device), kwargs)
     out = out.cpu()
+    steps = recorder.arrays() if spec is not None else {}
     seqs, targets = [], [] if spec is not None else None
     for r, p in enumerate(prompts):
         row = out[r, width - len(p) :].tolist()
@@ -147,7 +148,7 @@ def _hf_sample(
             row = row[: len(p)] + gen
         seqs.append(row)
         if spec is not None:
-            targets.append(row_targets(recorder.steps, r, len(p), len(row), spec))
+            targets.append(row_targets(steps, r, len(p), len(row), spec))
     return seqs, targets
 
 
@@ -198,7 +199,12 @@ def _vllm_sample(
         gen = list(o.outputs[0].token_ids)[:max_new]
         seqs.append(list(p) + gen)
         if spec is not None:
-            steps = [_vllm_top_k(step, spec.k) for step in (o.outputs[0].logprobs or [])]
+            if not o.outputs[0].logprobs:  # never store "no target" where one was asked for
+                raise DataError(f"vLLM returned no logprobs for a sequence although "
+                                f"data.targets={cfg.targets!r} asked for them")  # fmt: skip
+            per_step = [_vllm_top_k(step, spec.k) for step in o.outputs[0].logprobs]
+            # [steps, 1, k]: the layout TargetRecorder.arrays gives row_targets
+            steps = {c: np.stack([t[c] for t in per_step]) for c in spec.columns()}
             targets.append(row_targets(steps, 0, len(p), len(seqs[-1]), spec))
     return seqs, targets
 

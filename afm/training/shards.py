@@ -27,6 +27,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from afm.training.data_config import DataError, SyntheticDataConfig
 from afm.training.files import read_json, tmp_name
 
@@ -127,7 +129,7 @@ def write_shard(
 
         features.update(target_features(spec))
         for c in spec.columns():
-            columns[c] = [t[c].reshape(-1) for t in targets]
+            columns[c] = _flat_list_array([t[c].reshape(-1) for t in targets])
 
     final = out / shard_name(index)
     tmp = out / f".{shard_name(index)}.tmp-{os.getpid()}"
@@ -146,6 +148,20 @@ def write_shard(
         shutil.rmtree(tmp, ignore_errors=True)
         if not final.exists():
             raise
+
+
+def _flat_list_array(rows: list[Any]) -> Any:
+    """One Arrow list array over per-row numpy arrays, built from one concatenation and
+    its offsets (what ``datasets`` makes of a list of arrays, ~15x faster)."""
+    import pyarrow as pa
+
+    offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum([len(r) for r in rows], out=offsets[1:])
+    if offsets[-1] >= 2**31:  # list<...> offsets are int32
+        raise DataError(f"a shard's target column holds {offsets[-1]} values (max 2**31 - 1); "
+                         "lower data.sequences_per_shard")  # fmt: skip
+    values = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values))
 
 
 def _features() -> Any:

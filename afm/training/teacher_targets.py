@@ -47,6 +47,7 @@ __all__ = [
     "missing_targets",
     "resolve_target_form",
     "row_targets",
+    "sparse_target_tensors",
     "sparse_targets",
     "stored_forms",
     "target_features",
@@ -93,29 +94,38 @@ class TargetSpec:
 
 
 @torch.no_grad()
+def sparse_target_tensors(
+    logits: Tensor, spec: TargetSpec, generator: torch.Generator | None
+) -> dict[str, Tensor]:
+    """The sparse targets of ``[B, V]`` raw logits, as ``{column: [B, width]}`` tensors in
+    their stored dtypes, on the logits' device (no host copy, no device sync)."""
+    vocab = logits.shape[-1]
+    if spec.k > vocab and "top_k" in spec.forms:
+        raise DataError(f"data.targets_k={spec.k} is larger than the vocabulary ({vocab})")
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (faster than logsumexp on CPU)
+    out: dict[str, Tensor] = {}
+    if "top_k" in spec.forms:
+        values, ids = logp.topk(spec.k, dim=-1)
+        out["top_k_ids"] = ids.to(torch.int32)
+        out["top_k_logprobs"] = values.to(torch.float16)
+    if "sampled" in spec.forms:
+        tau = spec.proposal_temperature
+        p = logp.exp()
+        logq = logp if tau == 1.0 else torch.log_softmax(logits.float() / tau, dim=-1)
+        q = p if tau == 1.0 else logq.exp()
+        ids = torch.multinomial(q, spec.samples, replacement=True, generator=generator)
+        weights = (logp.gather(1, ids) - logq.gather(1, ids)).exp() / spec.samples
+        out["sampled_ids"] = ids.to(torch.int32)
+        out["sampled_weights"] = weights.to(torch.float16)
+        out["entropy"] = -(p * logp).sum(-1, keepdim=True)
+    return out
+
+
 def sparse_targets(
     logits: Tensor, spec: TargetSpec, generator: torch.Generator | None
 ) -> dict[str, np.ndarray]:
     """The sparse targets of ``[B, V]`` raw logits, as ``{column: [B, width]}`` arrays."""
-    vocab = logits.shape[-1]
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    out: dict[str, np.ndarray] = {}
-    if "top_k" in spec.forms:
-        if spec.k > vocab:
-            raise DataError(f"data.targets_k={spec.k} is larger than the vocabulary ({vocab})")
-        values, ids = logp.topk(spec.k, dim=-1)
-        out["top_k_ids"] = ids.to(torch.int32).cpu().numpy()
-        out["top_k_logprobs"] = values.to(torch.float16).cpu().numpy()
-    if "sampled" in spec.forms:
-        tau = spec.proposal_temperature
-        logq = logp if tau == 1.0 else torch.log_softmax(logits.float() / tau, dim=-1)
-        ids = torch.multinomial(logq.exp(), spec.samples, replacement=True, generator=generator)
-        weights = (logp.gather(1, ids) - logq.gather(1, ids)).exp() / spec.samples
-        out["sampled_ids"] = ids.to(torch.int32).cpu().numpy()
-        out["sampled_weights"] = weights.to(torch.float16).cpu().numpy()
-        entropy = -(logp.exp() * logp).sum(-1, keepdim=True)
-        out["entropy"] = entropy.cpu().numpy().astype(np.float32)
-    return out
+    return {c: t.cpu().numpy() for c, t in sparse_target_tensors(logits, spec, generator).items()}
 
 
 def missing_targets(n: int, spec: TargetSpec) -> dict[str, np.ndarray]:
@@ -134,32 +144,46 @@ def concat_targets(parts: Sequence[dict[str, np.ndarray]], spec: TargetSpec) -> 
 
 
 def row_targets(
-    steps: Sequence[dict[str, np.ndarray]], row: int, prompt_len: int, length: int, spec
+    steps: dict[str, np.ndarray], row: int, prompt_len: int, length: int, spec: TargetSpec
 ) -> dict[str, np.ndarray]:
     """The per-position targets of one sampled sequence of ``length`` tokens.
 
-    Step ``t``'s logits are the distribution of generated token ``t``, i.e. the target
-    of position ``prompt_len − 1 + t``; earlier prompt positions have none."""
-    have = max(0, min(len(steps), length - (prompt_len - 1)))
+    ``steps[column]`` is ``[decoding steps, batch, width]``; step ``t``'s logits are the
+    distribution of generated token ``t``, i.e. the target of position
+    ``prompt_len − 1 + t``; earlier prompt positions have none."""
+    n_steps = len(next(iter(steps.values()))) if steps else 0
+    have = max(0, min(n_steps, length - (prompt_len - 1)))
     parts = [missing_targets(prompt_len - 1, spec)]
     if have:
-        parts.append({c: np.stack([steps[t][c][row] for t in range(have)]) for c in spec.columns()})
+        parts.append({c: steps[c][:have, row] for c in spec.columns()})
     parts.append(missing_targets(length - (prompt_len - 1) - have, spec))
     return concat_targets(parts, spec)
 
 
 class TargetRecorder:
     """A forward hook that turns each of ``generate``'s forward passes into sparse targets
-    of the last position (``with TargetRecorder(model, spec, gen) as rec: generate``)."""
+    of the last position (``with TargetRecorder(model, spec, gen) as rec: generate``;
+    then ``rec.arrays()``).
+
+    The targets stay on the model's device until ``arrays()``: one host copy per batch
+    instead of a device sync in every decoding step."""
 
     def __init__(self, model: Any, spec: TargetSpec, generator: torch.Generator | None):
         self.model, self.spec, self.generator = model, spec, generator
-        self.steps: list[dict[str, np.ndarray]] = []
+        self._steps: list[dict[str, Tensor]] = []
         self._handle = None
 
     def _hook(self, _module, _args, output) -> None:  # noqa: ANN001
         logits = output.logits if hasattr(output, "logits") else output[0]
-        self.steps.append(sparse_targets(logits[:, -1], self.spec, self.generator))
+        self._steps.append(sparse_target_tensors(logits[:, -1], self.spec, self.generator))
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """``{column: [decoding steps, batch, width]}`` of every forward pass so far."""
+        if not self._steps:
+            return {}
+        return {
+            c: torch.stack([s[c] for s in self._steps]).cpu().numpy() for c in self.spec.columns()
+        }
 
     def __enter__(self) -> TargetRecorder:
         self._handle = self.model.register_forward_hook(self._hook)

@@ -119,6 +119,35 @@ def test_cached_targets_batch(with_targets):
         CachedTargets(plain, "sampled")
 
 
+def test_shard_columns_are_what_datasets_makes_of_the_arrays(tmp_path):
+    """write_shard builds the target columns from one concatenation and its offsets;
+    rows of different lengths must read back exactly as datasets' own conversion."""
+    from datasets import Dataset, Features, load_from_disk
+
+    from afm.training.shards import shard_name, write_shard
+    from afm.training.teacher_targets import target_features
+
+    spec = TargetSpec(("top_k", "sampled"), k=3, samples=2)
+    rng = np.random.default_rng(0)
+    lengths = [4, 1, 7]
+    rows = [rng.integers(0, 50, n).tolist() for n in lengths]
+    targets = [
+        {c: rng.normal(size=(n, spec.width(c))).astype(dt) for c, dt in
+         [("top_k_ids", np.int32), ("top_k_logprobs", np.float16), ("sampled_ids", np.int32),
+          ("sampled_weights", np.float16), ("entropy", np.float32)]}
+        for n in lengths
+    ]  # fmt: skip
+    write_shard(tmp_path, 0, rows, targets, spec)
+    got = load_from_disk(str(tmp_path / shard_name(0)))
+    feats = Features({"input_ids": got.features["input_ids"], **target_features(spec)})
+    columns = {c: [t[c].reshape(-1) for t in targets] for c in spec.columns()}
+    want = Dataset.from_dict({"input_ids": rows, **columns}, features=feats)
+    assert got.features == want.features
+    assert got.data.schema.types == want.data.schema.types
+    for c in ["input_ids", *spec.columns()]:
+        assert got[c] == want[c], c
+
+
 def test_bytes_per_token():
     spec = TargetSpec(("top_k", "sampled"), k=12, samples=12)
     assert spec.bytes_per_token() == 12 * (4 + 2) + 12 * (4 + 2) + 4
@@ -164,6 +193,9 @@ def test_vllm_backend_stores_its_top_k_logprobs(monkeypatch):
     assert seen["logprobs"] == 2 and seen["max_tokens"] == 4
     assert seqs == [[1, 7, 8, 3]]
     np.testing.assert_array_equal(targets[0]["top_k_ids"], [[7, 4], [8, 4], [3, 4], [5, 4]])
+    out.logprobs = None  # a vLLM that ignored the request: refused, not "no target"
+    with pytest.raises(DataError, match="vLLM returned no logprobs"):
+        data_mod._vllm_sample(LLM(), [[1]], 3, cfg, 0, TargetSpec.from_config(cfg))
     with pytest.raises(DataError, match="needs data.backend='hf'"):
         data_mod.sampling_backend(SyntheticDataConfig(targets="sampled", backend="vllm"))
     monkeypatch.setattr(data_mod, "resolve_backend", lambda cfg: "vllm")
