@@ -50,7 +50,6 @@ from afm.training.checkpoint import (
 from afm.training.data_checks import check_token_ids
 from afm.training.distill_config import NOT_IN_FINGERPRINT, TEACHER_DTYPES, DistillConfig
 from afm.training.engines import (
-    check_engine_supports,
     clip_after_step,
     describe,
     full_parameters,
@@ -358,7 +357,6 @@ def distill(
             "train.report_to is set but the accelerator has no trackers: make it with "
             "afm.training.engines.make_accelerator(config, project_dir)"
         )
-    check_engine_supports(acc, student)
     if acc.is_main_process:
         logger.info("distilling on %s", describe(acc))
     rank, world = acc.process_index, acc.num_processes

@@ -37,13 +37,11 @@ from torch import nn
 from afm.analog.clipping import clip_weights_, register_clip_hook
 from afm.analog.experts import AnalogExperts
 from afm.analog.layers import analog_layers
-from afm.analog.select import output_head_names
 from afm.config import ClipKind
 from afm.reference import clip_weight_
 from afm.training.fsdp2 import clip_sharded_
 
 __all__ = [
-    "check_engine_supports",
     "check_launch",
     "clip_after_step",
     "describe",
@@ -306,24 +304,3 @@ def clip_after_step(accelerator: Any, model: nn.Module, optimizer: Any) -> tuple
         return clip_fsdp, None
     inner = getattr(optimizer, "optimizer", optimizer)
     return None, register_clip_hook(inner, unwrapped)
-
-
-def check_engine_supports(acc: Any, student: nn.Module) -> None:
-    """Refuse what an engine was not verified to train right: DeepSpeed ZeRO-3 with an
-    analog output head gave an embedding that differs from the DDP run's after four
-    steps (tests/training/test_sharded_engines.py; ZeRO-2, FSDP and FSDP2 agree), so it
-    is an error until that is understood, not a silently different student."""
-    from accelerate.utils import DistributedType
-
-    if acc.distributed_type != DistributedType.DEEPSPEED:
-        return
-    plugin = getattr(acc.state, "deepspeed_plugin", None)
-    if getattr(plugin, "zero_stage", None) != 3:
-        return
-    heads = set(analog_layers(student)) & output_head_names(student)
-    if heads:
-        raise ValueError(
-            f"DeepSpeed ZeRO-3 with an analog output head ({sorted(heads)[0]!r}) is not "
-            "supported: its training was not verified against DDP; set analog_head=false "
-            "(a digital head), or use ZeRO-2, FSDP or DDP"
-        )

@@ -223,26 +223,3 @@ def test_make_student_follows_the_presets_head_policy(tiny_model):
     )
     # a config (not a name) has no head policy: afm.convert's default, digital
     assert "lm_head" not in afm.analog_layers(make_student(teacher, afm.get_preset("afm-paper")))
-
-
-def test_zero3_with_an_analog_head_is_refused(tiny_model):
-    from types import SimpleNamespace
-
-    from accelerate.utils import DistributedType
-
-    from afm.training.engines import check_engine_supports
-
-    def acc(stage):
-        plugin = SimpleNamespace(zero_stage=stage)
-        return SimpleNamespace(
-            distributed_type=DistributedType.DEEPSPEED,
-            state=SimpleNamespace(deepspeed_plugin=plugin),
-        )
-
-    analog_head = make_student(tiny_model("llama"), "afm-paper")
-    with pytest.raises(ValueError, match="ZeRO-3 with an analog output head"):
-        check_engine_supports(acc(3), analog_head)
-    check_engine_supports(acc(2), analog_head)  # ZeRO-2 agrees with DDP
-    check_engine_supports(
-        acc(3), make_student(tiny_model("llama"), "afm-paper", convert_lm_head=False)
-    )

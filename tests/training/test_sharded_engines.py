@@ -96,9 +96,14 @@ WORKER = textwrap.dedent(
         AcceleratorState().fsdp_plugin = plugin
         switch_to(DistributedType.FSDP)
         assert acc.is_fsdp2
-    else:
+    else:  # ddp, ddp_jitter
         acc = Accelerator(cpu=True, mixed_precision=mixed)
-    student = make_student(teacher, convert_lm_head=False)  # ZeRO-3 refuses an analog head
+    student = make_student(teacher, convert_lm_head=True)  # the analog head of afm-paper
+    if mode == "ddp_jitter":  # DDP again from a start moved by about one ulp (see below)
+        gj = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for p in student.parameters():
+                p.mul_(1 + 1e-7 * torch.randn(p.shape, generator=gj))
     res = distill(teacher, student, ds, dc, out, accelerator=acc, progress=False,
                   max_steps_this_run=this_run if this_run > 0 else None)
     if this_run > 0 and res.steps < 4:
@@ -172,6 +177,22 @@ def engine_runs(tmp_path_factory):
     return script, root, _final(root / "ddp")
 
 
+@pytest.fixture(scope="module")
+def rounding_envelope(engine_runs):
+    """How far DDP lands from itself when its start moves by about one ulp (×(1 + 1e-7·z)
+    per weight): 8-bit input quantization turns rounding differences into whole
+    quantization steps for the values on a bin edge, so two runs of the same math in a
+    different summation order part by up to this much after four steps.  A real
+    engine bug (a missed gradient, a late clip, a tied weight) moves weights by the
+    learning rate's scale (2e-2 per step here), far above it."""
+    script, root, ddp = engine_runs
+    _launch(script, root / "ddp_jitter", "ddp_jitter")
+    jitter = _final(root / "ddp_jitter")
+    envelope = max((jitter[k] - ddp[k]).abs().max().item() for k in ddp)
+    assert 0 < envelope < 1e-3, envelope
+    return envelope
+
+
 def _check_engine(script, root, ddp, mode: str, *, atol: float) -> dict:
     """Uninterrupted and killed-then-resumed runs of ``mode``; returns the final state."""
     full, resumed = root / mode, root / f"{mode}_resumed"
@@ -243,10 +264,15 @@ def test_fsdp2_matches_ddp_clips_resumes_and_saves(engine_runs):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
-def test_deepspeed_zero_matches_ddp_clips_resumes_and_saves(engine_runs, stage):
+def test_deepspeed_zero_matches_ddp_clips_resumes_and_saves(engine_runs, rounding_envelope, stage):
+    """ZeRO-2 agrees with DDP to float rounding.  ZeRO-3 (gathered, re-partitioned
+    parameters; its own gradient reduction and norm order) parts from DDP in a few
+    embedding rows by 1.6e-5 on this machine: the same math, inside the envelope that a
+    one-ulp change of DDP's own start gives (9.4e-5 here), so it is held to twice that."""
     pytest.importorskip("deepspeed")
     script, root, ddp = engine_runs
-    _check_engine(script, root, ddp, f"zero{stage}", atol=1e-5)
+    atol = 1e-5 if stage == 2 else max(1e-5, 2 * rounding_envelope)
+    _check_engine(script, root, ddp, f"zero{stage}", atol=atol)
     infos = _infos(root / f"zero{stage}")
     assert all("DEEPSPEED" in i["type"] for i in infos)
     assert not infos[1]["whole"]  # fp32 masters gathered onto the main process only
