@@ -21,6 +21,24 @@ import transformers
 
 REPO = Path(__file__).resolve().parents[1]
 
+#: ``--set`` flags that make an ``afm-train`` run on a tiny model take seconds.
+SMALL_TRAIN_SETS = [
+    "--set", "data.num_tokens=512",
+    "--set", "data.seq_len=16",
+    "--set", "data.sequences_per_shard=16",
+    "--set", "data.batch_size=16",
+    "--set", "train.max_steps=3",
+    "--set", "train.per_device_batch_size=4",
+    "--set", "train.calibration_batches=1",
+    "--set", "train.save_steps=2",
+    "--set", "num_threads=1",
+]  # fmt: skip
+
+
+def state_snapshot(model) -> dict[str, torch.Tensor]:
+    """Detached copies of every tensor of ``model.state_dict()``."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
 
 def tiny_llama_for(tokenizer, *, max_positions=64, kv_heads=4, tie=False, seed=0):
     """A tiny random Llama sized for ``tokenizer`` (special token ids taken from it)."""

@@ -13,23 +13,13 @@ import textwrap
 import pytest
 import torch
 import transformers
-from helpers import run_two_ranks
+from helpers import SMALL_TRAIN_SETS, run_two_ranks
 
 import afm
 from afm.analog.experts import AnalogExperts
 from afm.cli import train as train_cli
 
-SMALL = [
-    "--set", "data.num_tokens=512",
-    "--set", "data.seq_len=16",
-    "--set", "data.sequences_per_shard=16",
-    "--set", "data.batch_size=16",
-    "--set", "train.max_steps=3",
-    "--set", "train.per_device_batch_size=4",
-    "--set", "train.calibration_batches=1",
-    "--set", "train.save_steps=2",
-    "--set", "num_threads=1",
-]  # fmt: skip
+SMALL = SMALL_TRAIN_SETS
 
 
 def _tiny_mixtral(vocab: int, tok=None) -> transformers.MixtralForCausalLM:

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from helpers import state_snapshot
 from torch import nn
 
 from afm.analog import noise as N
@@ -49,10 +50,6 @@ def tiny_llama_base():
 @pytest.fixture
 def llama(tiny_llama_base):
     return copy.deepcopy(tiny_llama_base)  # deepcopy keeps the tie
-
-
-def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def linear_names(model: nn.Module) -> list[str]:
@@ -375,7 +372,7 @@ def test_default_selection_is_every_linear_but_lm_head(llama, caplog):
     expected = [n for n in linear_names(llama) if n != "lm_head"]
     assert len(expected) == 14
     assert list(N.select_noise_layers(llama)) == expected
-    before = snapshot(llama)
+    before = state_snapshot(llama)
     with caplog.at_level(logging.INFO, logger="afm.analog.noise"):
         handle = N.apply_noise_(llama, N.PCMProgrammingNoise(), seed=0)
     assert "perturbed 14 layers" in caplog.text
@@ -395,8 +392,8 @@ def test_same_seed_same_weights_and_selection_independent(tiny_llama_base):
     N.apply_noise_(b, noise, seed=1)
     N.apply_noise_(c, noise, seed=2)
     N.apply_noise_(d, noise, seed=1, include=r"layers\.1\.")
-    sa, sb, sc, sd = (snapshot(m) for m in (a, b, c, d))
-    base = snapshot(tiny_llama_base)
+    sa, sb, sc, sd = (state_snapshot(m) for m in (a, b, c, d))
+    base = state_snapshot(tiny_llama_base)
     layer_keys = [k for k in sa if k.endswith("proj.weight")]
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert all(not torch.equal(sa[k], sc[k]) for k in layer_keys)
@@ -417,7 +414,7 @@ def test_layer_seed_is_stable_and_name_dependent():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_restore_is_bitwise(llama, dtype):
     llama.to(dtype)
-    before = snapshot(llama)
+    before = state_snapshot(llama)
     handle = N.apply_noise_(llama, N.PCMDriftNoise(t_inference="1y"), seed=3)
     assert any(not torch.equal(v, before[k]) for k, v in llama.state_dict().items())
     handle.restore()
@@ -454,7 +451,7 @@ def test_tied_embedding_is_never_perturbed(llama):
 
 
 def test_copy_variant_leaves_original_untouched(llama):
-    before = snapshot(llama)
+    before = state_snapshot(llama)
     noisy = N.apply_noise(llama, N.PCMProgrammingNoise(scale=2.0), seed=6)
     assert all(torch.equal(v, before[k]) for k, v in llama.state_dict().items())
     N.apply_noise_(llama, N.PCMProgrammingNoise(scale=2.0), seed=6)
@@ -491,7 +488,7 @@ def test_gpt2_conv1d_is_perturbed_per_output_row():
 
     cfg = transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=1, n_head=4)
     model = transformers.GPT2LMHeadModel(cfg).eval()
-    before = snapshot(model)
+    before = state_snapshot(model)
     noise = N.PCMProgrammingNoise(tile_size=None)
     handle = N.apply_noise_(model, noise, seed=8)
     convs = [n for n, m in model.named_modules() if isinstance(m, Conv1D)]
@@ -541,7 +538,7 @@ def test_only_analog_with_real_analog_layers(llama):
     analog = list(afm.analog_layers(llama))
     assert analog and all("down_proj" not in n for n in analog)
     assert list(N.select_noise_layers(llama, only_analog=True)) == analog
-    before = snapshot(llama)
+    before = state_snapshot(llama)
     ids = torch.tensor([[1, 2, 3]])
     with torch.no_grad(), N.apply_noise_(llama, N.PCMProgrammingNoise(), seed=0, only_analog=True):
         assert torch.isfinite(llama(ids).logits).all()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_llama_for
+from helpers import state_snapshot, tiny_llama_for
 
 pytest.importorskip("lm_eval")
 transformers = pytest.importorskip("transformers")
@@ -94,10 +94,6 @@ metric_list:
 """
     )
     return d
-
-
-def state(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def assert_same(a, b):
@@ -201,9 +197,9 @@ def test_lm_eval_two_seeds_mean_std_and_restore(tiny, task_dir):
         batch_size=4,
     )
     conds = ev.make_conditions("gaussian", seeds=[3, 7], noise_options={"std": 0.5})
-    before = state(model)
+    before = state_snapshot(model)
     report = ev.run_evaluation([("m", model, tok)], runner, conds, progress=False)
-    assert_same(before, state(model))  # noise restored bitwise
+    assert_same(before, state_snapshot(model))  # noise restored bitwise
     row = report.get("m", conds[1].label, "tiny_ppl")
     assert row.metric == "word_perplexity,none" and row.seeds == [3, 7]
     assert row.mean == pytest.approx(statistics.mean(row.scores))
@@ -261,12 +257,12 @@ def test_afm_lm_registered_with_noise(tiny, task_dir):
     from afm.analog.convert import analog_layers
 
     assert analog_layers(lm.model)  # converted on the fly
-    noisy = state(lm.model)
+    noisy = state_snapshot(lm.model)
     lm.restore_noise()
-    clean = state(lm.model)
+    clean = state_snapshot(lm.model)
     assert any(not torch.equal(noisy[k], clean[k]) for k in clean)
     lm.apply_noise(get_noise_model("pcm"), 1)
-    assert_same(noisy, state(lm.model))  # same seed, same chip
+    assert_same(noisy, state_snapshot(lm.model))  # same seed, same chip
 
 
 # ---------------------------------------------------------------------------- sweeps
@@ -292,13 +288,13 @@ def test_sweep_conditions_and_config_restore(tiny, task_dir):
     model, tok = ev.load_model_spec(ev.ModelSpec(str(path), preset="afm-paper", calib_steps=1))
     layers = analog_layers(model)
     cfg_before = {n: lay.analog_config for n, lay in layers.items()}
-    before = state(model)
+    before = state_snapshot(model)
     runner = ev.LmEvalRunner([ev.TaskSpec(str(task_dir / "tiny_ppl.yaml"))], batch_size=4)
     det = sweep_conditions(["io.bits=2,16"], seeds=3)
     assert all(c.noise is None and c.seeds == (0,) for c in det)  # deterministic: once
     report = ev.run_evaluation([("m", model, tok)], runner, det + conds, progress=False)
     assert {n: lay.analog_config for n, lay in layers.items()} == cfg_before
-    assert_same(before, state(model))
+    assert_same(before, state_snapshot(model))
     ppl = {c: report.get("m", c, "tiny_ppl").mean for c in report.conditions}
     assert ppl["io.bits=2"] != ppl["io.bits=16"]  # bit widths really change the model
     with ev.analog_config_changes(model, [("input.bits", 5)]):

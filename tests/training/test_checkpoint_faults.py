@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+from helpers import state_snapshot
 
 from afm.training.checkpoint import MANIFEST, list_checkpoints, remove_unfinished
 from afm.training.data import generate_synthetic_data
@@ -42,10 +43,6 @@ CFG = DistillConfig(
 )
 
 
-def _state(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
 def _steps_logged(out):
     return [json.loads(x)["step"] for x in (out / "log.jsonl").read_text().splitlines()]
 
@@ -55,7 +52,7 @@ def straight(setup, tmp_path_factory):
     teacher, _, ds = setup
     student = make_student(teacher)
     distill(teacher, student, ds, CFG, tmp_path_factory.mktemp("straight"), progress=False)
-    return _state(student)
+    return state_snapshot(student)
 
 
 def _killed_after(setup, out, steps):
@@ -67,7 +64,7 @@ def _resume(setup, out):
     teacher, _, ds = setup
     student = make_student(teacher)
     result = distill(teacher, student, ds, CFG, out, progress=False)
-    return result, _state(student)
+    return result, state_snapshot(student)
 
 
 def _assert_same(a, b):

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from helpers import state_snapshot
 
 import afm
 from afm.training.checkpoint import list_checkpoints
@@ -36,13 +37,9 @@ CFG = DistillConfig(
 )
 
 
-def _state(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
 def test_resume_continues_the_same_trajectory(setup, tmp_path):
     teacher, tok, ds = setup
-    t_before = _state(teacher)
+    t_before = state_snapshot(teacher)
     straight = make_student(teacher)
     r1 = distill(
         teacher, straight, ds, CFG, tmp_path / "a", pad_id=tok.pad_token_id, progress=False
@@ -69,13 +66,13 @@ def test_resume_continues_the_same_trajectory(setup, tmp_path):
     resumed = make_student(teacher)  # fresh process: a new student from the teacher
     r3 = distill(teacher, resumed, ds, CFG, tmp_path / "b", pad_id=tok.pad_token_id, progress=False)
     assert r3.resumed_from == 3 and r3.steps == 6
-    a, b = _state(straight), _state(resumed)
+    a, b = state_snapshot(straight), state_snapshot(resumed)
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
     moved = [k for k in a if not torch.equal(a[k], t_before.get(k, a[k]))]
     assert moved, "training changed nothing"
-    for k, v in _state(teacher).items():  # the teacher is frozen
+    for k, v in state_snapshot(teacher).items():  # the teacher is frozen
         assert torch.equal(v, t_before[k])
     log = [json.loads(x) for x in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
@@ -191,7 +188,7 @@ def test_gradient_checkpointing_keeps_the_noise_and_the_result(setup, tmp_path):
             **{**CFG.__dict__, "max_steps": 2, "save_steps": None, "gradient_checkpointing": gc}
         )
         distill(teacher, student, ds, cfg, tmp_path / str(gc), pad_id=0, progress=False)
-        results.append(_state(student))
+        results.append(state_snapshot(student))
     for k in results[0]:
         torch.testing.assert_close(results[0][k], results[1][k], rtol=1e-5, atol=1e-6)
 

@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from helpers import state_snapshot
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from afm.training.distill import distill, make_student, save_student
@@ -34,10 +35,6 @@ CFG = DistillConfig(
     calibration_batches=1,
     logging_steps=1,
 )
-
-
-def _state(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def _log(path):
@@ -91,7 +88,7 @@ def test_inf_gradient_without_grad_norm_clipping_is_not_applied(setup, tmp_path)
     weight.register_hook(poison)
     result = distill(teacher, student, ds, cfg, tmp_path / "run", progress=False)
     assert result.skipped_steps == 1
-    a, b = _state(reference), _state(student)
+    a, b = state_snapshot(reference), state_snapshot(student)
     for k in a:  # step 2 was not applied: the weights are those after step 1
         assert torch.equal(a[k], b[k]), k
     log = _log(tmp_path / "run")
@@ -130,7 +127,7 @@ def test_update_that_breaks_the_weights_is_rolled_back(setup, tmp_path):
     with _after_each_update(nan_range) as calls:
         result = distill(teacher, student, ds, cfg, tmp_path / "run", progress=False)
     assert calls["n"] == 2 and result.skipped_steps == 1
-    a, b = _state(reference), _state(student)
+    a, b = state_snapshot(reference), state_snapshot(student)
     for k in a:
         assert torch.equal(a[k], b[k]), k
 

@@ -6,23 +6,14 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import SMALL_TRAIN_SETS
 
 from afm.cli import generate as gen_cli
 from afm.cli import train as train_cli
 from afm.training.run_config import MODEL_DEFAULTS, ConfigError, build_run_config, load_yaml
 
 REPO = Path(__file__).resolve().parents[2]
-SMALL = [
-    "--set", "data.num_tokens=512",
-    "--set", "data.seq_len=16",
-    "--set", "data.sequences_per_shard=16",
-    "--set", "data.batch_size=16",
-    "--set", "train.max_steps=3",
-    "--set", "train.per_device_batch_size=4",
-    "--set", "train.calibration_batches=1",
-    "--set", "train.save_steps=2",
-    "--set", "num_threads=1",
-]  # fmt: skip
+SMALL = SMALL_TRAIN_SETS
 
 
 def _one_line_error(capsys, rc):
