@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_train import random_llama  # scripts/ is on sys.path when run as a script
 
 from afm.models import load_model, load_tokenizer
 from afm.training.data import generate_synthetic_data
@@ -34,23 +35,6 @@ from afm.training.data_config import SyntheticDataConfig
 from afm.training.teacher_targets import TargetSpec
 
 FORMS = ("none", "top_k", "sampled", "both")
-
-
-def _random_llama(vocab: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=512,
-        intermediate_size=1536,
-        num_hidden_layers=6,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
-    )
-    return LlamaForCausalLM(cfg).eval()
 
 
 def _arrow_bytes(path: Path) -> int:
@@ -91,8 +75,7 @@ def bench(name: str, model, tokenizer, sequences: int, batch: int, rounds: int, 
     for form in FORMS:
         rs = ratios[form]
         extra = (size[form][1] - plain_bytes) / tokens
-        forms = {"none": (), "both": ("top_k", "sampled")}.get(form, (form,))
-        spec = TargetSpec(forms).bytes_per_token()
+        spec = TargetSpec.from_config(SyntheticDataConfig(targets=form)).bytes_per_token()
         print(f"{form:<9}{statistics.median(seconds[form]):>10.2f}"
               f"{statistics.median(rs):>12.3f}  ({min(rs):.3f}–{max(rs):.3f})"
               f"{extra:>15.1f}{spec:>14}")  # fmt: skip
@@ -112,7 +95,8 @@ def main(argv: list[str] | None = None) -> None:
         bench("tiny", load_model("tiny", dtype=torch.float32).eval(), tokenizer, 128, 128,
               rounds, out)  # fmt: skip
         if not args.quick:
-            bench("llama-512x6-v32k", _random_llama(32064), tokenizer, 64, 64, rounds, out)
+            llama = random_llama(512, 6, 1536, 32064, heads=8).eval()
+            bench("llama-512x6-v32k", llama, tokenizer, 64, 64, rounds, out)
 
 
 if __name__ == "__main__":

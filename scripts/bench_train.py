@@ -35,7 +35,7 @@ from afm.training.sparse_kd import sparse_kd_loss
 from afm.training.teacher_targets import TargetSpec, sparse_targets
 
 
-def _random_llama(hidden: int, layers: int, ffn: int, vocab: int, heads: int = 4):
+def random_llama(hidden: int, layers: int, ffn: int, vocab: int, heads: int = 4):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -58,7 +58,7 @@ def _tiny():
 
         return load_model("tiny", dtype=torch.float32), "tiny (bundled teacher)"
     except Exception:  # noqa: BLE001  (not trained yet: same shape, random weights)
-        return _random_llama(256, 4, 768, 512), "tiny-shaped random Llama (256/4/768, vocab 512)"
+        return random_llama(256, 4, 768, 512), "tiny-shaped random Llama (256/4/768, vocab 512)"
 
 
 class _Stepper:
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     steps = args.steps or (3 if args.quick else 8)
     tiny, tiny_name = _tiny()
     bench_step(tiny_name, tiny, 16, 128, steps, args.backend)
-    big = _random_llama(512, 6, 1536, 8192, heads=8)
+    big = random_llama(512, 6, 1536, 8192, heads=8)
     bench_step("random Llama (512/6/1536, vocab 8192)", big, 4, 256, steps, args.backend)
     if args.quick:
         bench_loss_memory(1024, 8192, 256)

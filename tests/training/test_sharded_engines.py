@@ -264,14 +264,15 @@ def test_fsdp2_matches_ddp_clips_resumes_and_saves(engine_runs):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
-def test_deepspeed_zero_matches_ddp_clips_resumes_and_saves(engine_runs, rounding_envelope, stage):
+def test_deepspeed_zero_matches_ddp_clips_resumes_and_saves(engine_runs, request, stage):
     """ZeRO-2 agrees with DDP to float rounding.  ZeRO-3 (gathered, re-partitioned
     parameters; its own gradient reduction and norm order) parts from DDP in a few
     embedding rows by 1.6e-5 on this machine: the same math, inside the envelope that a
     one-ulp change of DDP's own start gives (9.4e-5 here), so it is held to twice that."""
     pytest.importorskip("deepspeed")
     script, root, ddp = engine_runs
-    atol = 1e-5 if stage == 2 else max(1e-5, 2 * rounding_envelope)
+    # (the envelope's extra DDP run only where it is used)
+    atol = 1e-5 if stage == 2 else max(1e-5, 2 * request.getfixturevalue("rounding_envelope"))
     _check_engine(script, root, ddp, f"zero{stage}", atol=atol)
     infos = _infos(root / f"zero{stage}")
     assert all("DEEPSPEED" in i["type"] for i in infos)

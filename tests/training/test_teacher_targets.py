@@ -125,18 +125,16 @@ def test_shard_columns_are_what_datasets_makes_of_the_arrays(tmp_path):
     from datasets import Dataset, Features, load_from_disk
 
     from afm.training.shards import shard_name, write_shard
-    from afm.training.teacher_targets import target_features
+    from afm.training.teacher_targets import COLUMNS, target_features
 
     spec = TargetSpec(("top_k", "sampled"), k=3, samples=2)
     rng = np.random.default_rng(0)
     lengths = [4, 1, 7]
     rows = [rng.integers(0, 50, n).tolist() for n in lengths]
-    targets = [
-        {c: rng.normal(size=(n, spec.width(c))).astype(dt) for c, dt in
-         [("top_k_ids", np.int32), ("top_k_logprobs", np.float16), ("sampled_ids", np.int32),
-          ("sampled_weights", np.float16), ("entropy", np.float32)]}
+    targets = [  # every column, in its stored dtype
+        {c: rng.normal(size=(n, spec.width(c))).astype(COLUMNS[c][1]) for c in spec.columns()}
         for n in lengths
-    ]  # fmt: skip
+    ]
     write_shard(tmp_path, 0, rows, targets, spec)
     got = load_from_disk(str(tmp_path / shard_name(0)))
     feats = Features({"input_ids": got.features["input_ids"], **target_features(spec)})
